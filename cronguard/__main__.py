@@ -1,0 +1,5 @@
+"""``python -m cronguard``: the same as the ``cronguard`` command."""
+
+from .cli import main
+
+main()

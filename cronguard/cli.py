@@ -1,0 +1,333 @@
+"""The ``cronguard`` command line: a thin layer over the library.
+
+``cronguard [OPTIONS] [--] COMMAND`` is short for ``cronguard run ...``: when
+the first word is not a subcommand, ``run`` is implied, so every crontab line
+keeps its natural form.  A word after ``--`` is always the command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer 0.22 and later carry their own copy of click
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer depends on click
+    import click  # type: ignore[no-redef]
+ParameterSource = click.core.ParameterSource
+
+from . import __version__
+from . import log as logsetup
+from .config import RunSettings, env_name, find_file, load_file
+from .errors import EXIT_USAGE, CronguardError
+from .store import url_has_password
+
+log = logging.getLogger("cronguard")
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in cronguard
+
+
+class _ImpliedRun(TyperGroup):
+    """A group whose default subcommand is ``run``."""
+
+    _OWN = ("--help", "-h", "--version", "--install-completion", "--show-completion")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in self._OWN:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_ImpliedRun,
+    name="cronguard",
+    help=(
+        "Run a cron job on exactly one host of a fleet, under a Redis lease.\n\n"
+        "cronguard [RUN OPTIONS] [--] COMMAND [ARG...] is short for "
+        "cronguard run ...; see cronguard run --help."
+    ),
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cronguard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _group(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_show_version,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
+def _option(*names: str, help: str, env: str | None = None, **kwargs: Any) -> Any:
+    """A typer option whose variable is CRONGUARD_<LONG NAME>."""
+    long_name = next(n for n in names if n.startswith("--"))
+    variable = env or env_name(long_name[2:])
+    return typer.Option(*names, help=help, envvar=variable, show_envvar=True, **kwargs)
+
+
+# Store options, shared by every subcommand that talks to Redis.
+Redis = Annotated[
+    str | None,
+    _option(
+        "--redis",
+        metavar="URL",
+        help="Lock store: redis://, rediss:// or unix:// URL "
+        "[default: REDIS_URL, else redis://localhost:6379/0].",
+    ),
+]
+RedisTimeout = Annotated[
+    str,
+    _option(
+        "--redis-timeout",
+        metavar="DURATION",
+        help="Limit for each store request; failed requests are tried twice more.",
+    ),
+]
+RedisPasswordFile = Annotated[
+    str | None,
+    _option(
+        "--redis-password-file",
+        metavar="FILE",
+        help="Read the store password from FILE (or set CRONGUARD_REDIS_PASSWORD).",
+    ),
+]
+Prefix = Annotated[str, _option("--prefix", help="Prefix of every Redis key.")]
+Config = Annotated[
+    str | None,
+    _option(
+        "--config",
+        metavar="FILE",
+        help=f"TOML file of option defaults [default: {'/etc/cronguard.toml'}"
+        " if it exists].",
+    ),
+]
+Verbose = Annotated[
+    int,
+    _option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="Say what happened (-v), add debug detail (-vv).",
+    ),
+]
+Quiet = Annotated[bool, _option("-q", "--quiet", help="Print errors only.")]
+LogFormat = Annotated[
+    str, _option("--log-format", metavar="text|json", help="Format of log lines.")
+]
+Debug = Annotated[bool, _option("--debug", help="Show tracebacks of errors.")]
+
+
+@app.command(
+    "run",
+    context_settings={"allow_interspersed_args": False},
+    help=(
+        "Run COMMAND if this host wins the lease; exit quietly if another "
+        "host holds it.\n\n"
+        "The lease is held for at least --ttl from acquisition, so hosts whose "
+        "cron fires a little later in the same window find it taken; it is "
+        "renewed while COMMAND runs.  COMMAND is executed directly, without a "
+        "shell."
+    ),
+)
+def run_command(
+    ctx: typer.Context,
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[--] COMMAND [ARG...]", show_default=False),
+    ] = None,
+    key: Annotated[
+        str | None,
+        _option(
+            "-k",
+            "--key",
+            help="Job name shared by every host [default: derived from COMMAND].",
+        ),
+    ] = None,
+    ttl: Annotated[
+        str,
+        _option(
+            "--ttl",
+            metavar="DURATION",
+            help="Lease length: held at least this long from acquisition.",
+        ),
+    ] = "55s",
+    release: Annotated[
+        bool,
+        _option("--release", help="Release the lease when COMMAND ends (a mutex)."),
+    ] = False,
+    no_renew: Annotated[
+        bool,
+        _option(
+            "--no-renew",
+            help="Do not renew: the lease expires after --ttl even if COMMAND runs on.",
+        ),
+    ] = False,
+    wait: Annotated[
+        str,
+        _option(
+            "--wait",
+            metavar="DURATION",
+            help="Keep trying for the lease this long before skipping.",
+        ),
+    ] = "0",
+    timeout: Annotated[
+        str | None,
+        _option(
+            "--timeout",
+            metavar="DURATION",
+            help="Stop COMMAND after this long; exit 124.",
+        ),
+    ] = None,
+    kill_after: Annotated[
+        str,
+        _option(
+            "--kill-after",
+            metavar="DURATION",
+            help="Send SIGKILL this long after SIGTERM when stopping COMMAND.",
+        ),
+    ] = "10s",
+    on_lost: Annotated[
+        str,
+        _option(
+            "--on-lost",
+            metavar="term|ignore",
+            help="When the lease is lost mid-run: stop COMMAND and exit 76, "
+            "or only log.",
+        ),
+    ] = "term",
+    on_error: Annotated[
+        str,
+        _option(
+            "--on-error",
+            metavar="fail|skip|run",
+            help="When the store fails at start: exit 75, skip, or run unguarded.",
+        ),
+    ] = "fail",
+    skip_exit: Annotated[
+        str,
+        _option(
+            "--skip-exit",
+            metavar="N",
+            help="Exit status when another host holds the lease.",
+        ),
+    ] = "0",
+    redis: Redis = None,
+    redis_timeout: RedisTimeout = "2s",
+    redis_password_file: RedisPasswordFile = None,
+    prefix: Prefix = "cronguard",
+    config: Config = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    log_format: LogFormat = "text",
+    debug: Debug = False,
+) -> int:
+    values = _values(ctx)
+    _configure_logging(values)
+    with _reported(bool(values.get("debug"))):
+        if (
+            redis
+            and ctx.get_parameter_source("redis") is ParameterSource.COMMANDLINE
+            and url_has_password(redis)
+        ):
+            log.warning(
+                "the password in --redis is visible to every user in ps; use "
+                "CRONGUARD_REDIS_PASSWORD or --redis-password-file instead"
+            )
+        from .run import run
+
+        settings = RunSettings.build(command or [], values, os.environ)
+        return run(settings)
+    return EXIT_INTERNAL  # not reached: _reported exits
+
+
+def _values(ctx: click.Context) -> dict[str, Any]:
+    """Option values by long name, with the config file filling the defaults."""
+    values = {
+        name.replace("_", "-"): value
+        for name, value in ctx.params.items()
+        if name != "command"
+    }
+    given = {
+        name.replace("_", "-")
+        for name in ctx.params
+        if ctx.get_parameter_source(name)
+        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    with _reported(False):
+        path = find_file(values.get("config"))
+        if path is not None:
+            known = [p.name.replace("_", "-") for p in ctx.command.params if p.name]
+            for name, value in load_file(path, known).items():
+                if name not in given:
+                    values[name] = value
+    return values
+
+
+def _configure_logging(values: dict[str, Any]) -> None:
+    verbosity = -1 if values.get("quiet") else int(values.get("verbose") or 0)
+    log_format = str(values.get("log-format") or "text").lower()
+    if log_format not in ("text", "json"):
+        logsetup.configure()
+        log.error("--log-format (CRONGUARD_LOG_FORMAT): %r is not text or json",
+                  log_format)
+        raise typer.Exit(EXIT_USAGE)
+    logsetup.configure(verbosity, log_format)
+
+
+@contextmanager
+def _reported(debug: bool) -> Iterator[None]:
+    """Turn cronguard's errors into one log line and their exit status."""
+    try:
+        yield
+    except CronguardError as exc:
+        log.error("%s", exc, exc_info=debug)
+        raise typer.Exit(exc.exit_status) from None
+    except (typer.Exit, click.exceptions.Exit):
+        raise
+    except Exception as exc:
+        log.error(
+            "internal error: %s: %s (run again with --debug for a traceback)",
+            type(exc).__name__,
+            exc,
+            exc_info=debug,
+        )
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``cronguard`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logsetup.configure()
+    command = typer.main.get_command(app)
+    try:
+        status = command.main(args=args, prog_name="cronguard", standalone_mode=False)
+    except click.ClickException as exc:
+        hint = f"; see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else ""
+        log.error("%s%s", exc.format_message().replace("\n", " "), hint)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)

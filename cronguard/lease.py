@@ -1,0 +1,291 @@
+"""A lease on one job key: acquire it, keep it alive, give it back.
+
+The lease is a Redis key set with ``NX`` and a TTL whose value starts with a
+random token (see ``scripts``).  Its deadline is kept on the local monotonic
+clock, started *before* each request is sent, so the holder always believes
+its lease ends no later than the server does::
+
+    host A  |--send ACQUIRE--|          (A's deadline = send time + TTL)
+    server        |--SET NX PX TTL--|   (expires = SET time + TTL, later)
+
+A renewal that fails, or that the server refuses because the token no longer
+matches, never extends the local deadline; when the deadline passes the lease
+is lost, whatever the server might still say.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from . import scripts
+from .durations import format_duration
+from .errors import LeaseHeld, LeaseLost, StoreError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def host_id() -> str:
+    """The name this host goes by in leases and history."""
+    return os.environ.get("CRONGUARD_HOST_ID") or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease, as its value in Redis describes it."""
+
+    host: str
+    pid: int
+    fence: int
+    since_ms: int
+    ttl_left: float
+    extra: dict[str, Any]
+
+    @classmethod
+    def parse(cls, value: bytes | str, pttl_ms: int) -> Holder:
+        text = value.decode() if isinstance(value, bytes) else value
+        _, _, details = text.partition(" ")
+        try:
+            fields = json.loads(details)
+        except ValueError:
+            fields = {}
+        if not isinstance(fields, dict):
+            fields = {}
+        return cls(
+            host=str(fields.pop("host", "?")),
+            pid=int(fields.pop("pid", 0)),
+            fence=int(fields.pop("fence", 0)),
+            since_ms=int(fields.pop("since", 0)),
+            ttl_left=max(pttl_ms, 0) / 1000,
+            extra=fields,
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"{self.host}:{self.pid} (fence {self.fence}, "
+            f"{format_duration(self.ttl_left)} left)"
+        )
+
+
+class Lease:
+    """A token-checked lease on ``key`` in ``store``, ``ttl`` seconds long.
+
+    Use it as a context manager to run Python code under the lease::
+
+        with Lease(store, "invoices", ttl=30) as lease:
+            send_invoices(fence=lease.fence)
+
+    Entering raises ``LeaseHeld`` when another holder has the lease; while the
+    block runs, a thread renews the lease every ``ttl / 3``.  Python cannot
+    stop the block from outside, so code that must not run without the lease
+    calls ``lease.check()`` between steps, which raises ``LeaseLost``.  On exit
+    the lease is released, or with ``hold=True`` kept until ``ttl`` after it
+    was acquired, so that hosts which start a little later in the same window
+    still find it taken.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        ttl: float,
+        *,
+        renew: bool = True,
+        hold: bool = False,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.ttl = ttl
+        self.renew_enabled = renew
+        self.hold_on_exit = hold
+        self.details = {"host": host_id(), "pid": os.getpid(), **(details or {})}
+        self.token = secrets.token_hex(16)  # 128 bits
+        self.lease_key = store.key(key, "lease")
+        self.fence_key = store.key(key, "fence")
+        self.fence: int | None = None
+        self.since_ms: int | None = None
+        self.deadline: float | None = None  # monotonic; None while not held
+        self.lost_reason: str | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, round(self.ttl * 1000))
+
+    @property
+    def holder_id(self) -> str:
+        return f"{self.details['host']}:{self.details['pid']}"
+
+    # Acquisition
+
+    def try_acquire(self) -> Holder | None:
+        """One attempt, one round trip: ``None`` when acquired, else the holder."""
+        sent = time.monotonic()
+        won, value, extra = self.store.eval(
+            scripts.ACQUIRE,
+            [self.lease_key, self.fence_key],
+            [self.token, self.ttl_ms, json.dumps(self.details)],
+        )
+        if not won:
+            return Holder.parse(value, int(extra))
+        self.fence, self.since_ms = int(value), int(extra)
+        self.deadline = sent + self.ttl
+        self.lost_reason = None
+        log.info("%s: acquired (fence %d, ttl %s)", self.key, self.fence,
+                 format_duration(self.ttl))
+        return None
+
+    def acquire(
+        self, wait: float = 0.0, give_up: Callable[[], bool] | None = None
+    ) -> Holder | None:
+        """Try until acquired or ``wait`` seconds have passed.
+
+        Returns ``None`` once acquired, else the holder seen last.  ``give_up``
+        is asked between attempts and ends the wait early when it says so.
+        """
+        until = time.monotonic() + wait
+        pause = 0.05
+        while True:
+            holder = self.try_acquire()
+            if holder is None:
+                return None
+            left = until - time.monotonic()
+            if left <= 0 or (give_up is not None and give_up()):
+                return holder
+            log.debug("%s: held by %s; trying again", self.key, holder)
+            time.sleep(min(pause, left, max(holder.ttl_left, 0.01)))
+            pause = min(pause * 2, 0.5)
+
+    # Keeping and giving back
+
+    def renew(self) -> None:
+        """Extend the lease to ``ttl`` from now; raise ``LeaseLost`` if not ours."""
+        sent = time.monotonic()
+        extended = self.store.eval(
+            scripts.RENEW, [self.lease_key], [self.token, self.ttl_ms]
+        )
+        if not extended:
+            self._lose("another holder has it, or it expired in the store")
+            raise LeaseLost(self.key, self.lost_reason or "")
+        if self.lost_reason is None:
+            self.deadline = sent + self.ttl
+        log.info("%s: renewed for %s", self.key, format_duration(self.ttl))
+
+    def release(self) -> bool:
+        """Delete the lease if it is still ours; say whether it was."""
+        self.deadline = None
+        released = bool(self.store.eval(scripts.RELEASE, [self.lease_key],
+                                        [self.token]))
+        log.info("%s: %s", self.key, "released" if released else
+                 "not released: it was no longer held by this run")
+        return released
+
+    def hold(self) -> float:
+        """Keep the lease until ``ttl`` after acquisition, then let it expire.
+
+        Returns the seconds it is still held (0 when that time has passed and
+        it was deleted), or -1 when it was no longer ours.
+        """
+        self.deadline = None
+        left_ms = int(self.store.eval(scripts.HOLD, [self.lease_key],
+                                      [self.token, self.ttl_ms]))
+        if left_ms > 0:
+            log.info("%s: held for %s more", self.key, format_duration(left_ms / 1000))
+        elif left_ms == 0:
+            log.info("%s: released (the minimum hold has passed)", self.key)
+        return left_ms / 1000 if left_ms >= 0 else -1.0
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` if the lease is lost or its deadline has passed."""
+        if self.lost_reason is None and self.deadline is not None:
+            if time.monotonic() >= self.deadline:
+                self._lose("it expired before a renewal succeeded")
+        if self.lost_reason is not None:
+            raise LeaseLost(self.key, self.lost_reason)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from the keeper thread) when the lease is lost."""
+        self._listeners.append(listener)
+
+    def _lose(self, reason: str) -> None:
+        if self.lost_reason is None:
+            self.lost_reason = reason
+            log.warning("%s: lease lost: %s", self.key, reason)
+            for listener in self._listeners:
+                listener()
+
+    # The keeper thread
+
+    def keep(self) -> None:
+        """Start renewing in the background every ``ttl / 3``."""
+        if not self.renew_enabled or self._keeper is not None:
+            return
+        self._stop.clear()
+        self._keeper = threading.Thread(
+            target=self._keep, name=f"cronguard-keeper-{self.key}", daemon=True
+        )
+        self._keeper.start()
+
+    def stop_keeping(self) -> None:
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join()
+            self._keeper = None
+
+    def _keep(self) -> None:
+        interval = self.ttl / 3
+        next_at = time.monotonic() + interval
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            try:
+                self.renew()
+            except LeaseLost:
+                return
+            except StoreError as exc:
+                deadline = self.deadline or 0.0
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._lose(f"renewal failed until it expired: {exc}")
+                    return
+                log.warning("%s: renewal failed, lease ends in %s: %s",
+                            self.key, format_duration(left), exc)
+                # Try again soon, but leave the deadline to the supervisor.
+                next_at = time.monotonic() + min(interval / 2, left / 2, 1.0)
+                continue
+            next_at = time.monotonic() + interval
+        # Stopped by stop_keeping().
+
+    # Context manager
+
+    def __enter__(self) -> Lease:
+        holder = self.acquire()
+        if holder is not None:
+            raise LeaseHeld(self.key, str(holder))
+        self.keep()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_keeping()
+        if self.lost_reason is not None:
+            return
+        try:
+            self.hold() if self.hold_on_exit else self.release()
+        except StoreError as error:
+            log.warning("%s: could not give the lease back: %s", self.key, error)

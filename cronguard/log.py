@@ -1,0 +1,57 @@
+"""Logging for the command line: one line per message on stderr, as text or
+JSON.  Library modules only log through their module loggers; this module is
+the one place that configures handlers.
+
+Cron mails whatever a job prints, so by default only warnings and errors are
+shown; ``-v`` adds what happened, ``-vv`` debug detail, ``-q`` keeps errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
+
+
+class TextFormatter(logging.Formatter):
+    """``cronguard: error: ...``; informational lines carry no level word."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            message = f"error: {message}"
+        elif record.levelno >= logging.WARNING:
+            message = f"warning: {message}"
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        return f"cronguard: {message}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure(verbosity: int = 0, log_format: str = "text") -> None:
+    """Send cronguard's log records to stderr at the level ``verbosity`` asks."""
+    level = _LEVELS.get(max(-1, min(verbosity, 2)), logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger("cronguard")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

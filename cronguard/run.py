@@ -1,0 +1,117 @@
+"""One firing of a guarded cron line: take the lease, run, give it back.
+
+The exit status is decided here, from the outcome alone: what happens to the
+lease after the command has ended is logged, never allowed to change it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from .config import RunSettings
+from .errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    StoreError,
+)
+from .lease import Lease
+from .store import Store
+from .supervise import SignalRelay, Supervisor
+
+log = logging.getLogger(__name__)
+
+# cronguard's own secrets never reach the command.
+_SECRET_VARIABLES = ("CRONGUARD_REDIS_PASSWORD", "CRONGUARD_REDIS_PASSWORD_FILE")
+
+
+def command_environment(
+    environ: Mapping[str, str], lease: Lease | None
+) -> dict[str, str]:
+    env = {k: v for k, v in environ.items() if k not in _SECRET_VARIABLES}
+    if "CRONGUARD_REDIS" in env and "@" in env["CRONGUARD_REDIS"]:
+        del env["CRONGUARD_REDIS"]
+    if lease is not None:
+        env["CRONGUARD_KEY"] = lease.key
+        env["CRONGUARD_FENCE"] = str(lease.fence)
+        env["CRONGUARD_HOLDER"] = lease.holder_id
+    return env
+
+
+def run(settings: RunSettings, environ: Mapping[str, str] | None = None) -> int:
+    """Run ``settings.command`` under the lease; return cronguard's exit status."""
+    environ = os.environ if environ is None else environ
+    relay = SignalRelay()
+    relay.install()
+    store = Store(settings.store)
+    try:
+        return _run(settings, environ, store, relay)
+    finally:
+        relay.restore()
+        store.close()
+
+
+def _run(
+    settings: RunSettings, environ: Mapping[str, str], store: Store, relay: SignalRelay
+) -> int:
+    key = settings.key
+    lease = Lease(store, key, settings.ttl, renew=settings.renew)
+    try:
+        holder = lease.acquire(settings.wait, give_up=lambda: bool(relay.received))
+    except StoreError as exc:
+        if settings.on_error == "fail":
+            raise
+        if settings.on_error == "skip":
+            log.warning("%s: skipped, the store failed: %s", key, exc)
+            return settings.skip_exit
+        log.warning("%s: running without a lease, the store failed: %s", key, exc)
+        return _supervise(settings, environ, relay, None)
+
+    if holder is not None:
+        log.info("%s: skipped, held by %s", key, holder)
+        return settings.skip_exit
+    if relay.first is not None:
+        log.info("%s: interrupted by signal %d before the command started", key,
+                 relay.first)
+        _give_back(lease, release=True)
+        return 128 + relay.first
+
+    try:
+        status = _supervise(settings, environ, relay, lease)
+    except (CommandNotFound, CommandNotExecutable):
+        _give_back(lease, release=True)
+        raise
+    if lease.lost_reason is None:
+        _give_back(lease, release=settings.release)
+    return status
+
+
+def _supervise(
+    settings: RunSettings,
+    environ: Mapping[str, str],
+    relay: SignalRelay,
+    lease: Lease | None,
+) -> int:
+    supervisor = Supervisor(
+        settings.command,
+        command_environment(environ, lease),
+        relay=relay,
+        lease=lease,
+        timeout=settings.timeout,
+        kill_after=settings.kill_after,
+        on_lost=settings.on_lost,
+    )
+    outcome = supervisor.run()
+    log.info("%s: command ended with status %d after %.3fs (%s)", settings.key,
+             outcome.returncode, outcome.duration, outcome.reason)
+    return outcome.status
+
+
+def _give_back(lease: Lease, *, release: bool) -> None:
+    """Release the lease or shorten it to its minimum hold; never fail the run."""
+    try:
+        lease.release() if release else lease.hold()
+    except StoreError as exc:
+        log.warning("%s: could not give the lease back, it expires by itself: %s",
+                    lease.key, exc)

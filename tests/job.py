@@ -1,0 +1,72 @@
+"""The fixture program that tests run under cronguard.
+
+Its arguments are steps, done in order::
+
+    job.py ready FILE         create FILE, so the test knows the job started
+    job.py record FILE        append "HOST PID FENCE START_NS" to FILE
+    job.py env FILE           write the environment to FILE as JSON
+    job.py trap FILE          log each forwarded signal's name to FILE, go on
+    job.py ignore-term        ignore SIGTERM
+    job.py spawn FILE         fork a grandchild that sleeps; write its pid
+    job.py sleep SECONDS
+    job.py finish FILE        append "end PID END_NS" to FILE
+    job.py exit STATUS        exit with STATUS (default 0)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def main(steps: list[str]) -> int:
+    while steps:
+        step = steps.pop(0)
+        if step == "ready":
+            with open(steps.pop(0), "w") as handle:
+                handle.write(str(os.getpid()))
+        elif step == "record":
+            with open(steps.pop(0), "a") as handle:
+                handle.write(
+                    f"{os.environ.get('CRONGUARD_HOST_ID', '-')} {os.getpid()} "
+                    f"{os.environ.get('CRONGUARD_FENCE', '-')} {time.time_ns()}\n"
+                )
+        elif step == "finish":
+            with open(steps.pop(0), "a") as handle:
+                handle.write(f"end {os.getpid()} {time.time_ns()}\n")
+        elif step == "env":
+            with open(steps.pop(0), "w") as handle:
+                json.dump(dict(os.environ), handle)
+        elif step == "trap":
+            path = steps.pop(0)
+
+            def note(signum: int, frame: object, path: str = path) -> None:
+                with open(path, "a") as handle:
+                    handle.write(signal.Signals(signum).name + "\n")
+
+            for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"):
+                signal.signal(getattr(signal, name), note)
+        elif step == "ignore-term":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        elif step == "spawn":
+            child = subprocess.Popen(["sleep", "300"])
+            with open(steps.pop(0), "w") as handle:
+                handle.write(str(child.pid))
+        elif step == "sleep":
+            until = time.monotonic() + float(steps.pop(0))
+            while (left := until - time.monotonic()) > 0:
+                time.sleep(left)
+        elif step == "exit":
+            return int(steps.pop(0)) if steps else 0
+        else:
+            print(f"job.py: unknown step {step!r}", file=sys.stderr)
+            return 99
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
