@@ -34,6 +34,9 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+# Events kept per job in its run stream (approximately: XADD MAXLEN ~).
+STREAM_LENGTH = 1000
+
 
 def host_id() -> str:
     """The name this host goes by in leases and history."""
@@ -113,6 +116,8 @@ class Lease:
         self.token = secrets.token_hex(16)  # 128 bits
         self.lease_key = store.key(key, "lease")
         self.fence_key = store.key(key, "fence")
+        self.runs_key = store.key(key, "runs")
+        self.skips_key = store.key(key, "skips")
         self.fence: int | None = None
         self.since_ms: int | None = None
         self.deadline: float | None = None  # monotonic; None while not held
@@ -131,14 +136,27 @@ class Lease:
 
     # Acquisition
 
-    def try_acquire(self) -> Holder | None:
-        """One attempt, one round trip: ``None`` when acquired, else the holder."""
+    def try_acquire(self, **event: object) -> Holder | None:
+        """One attempt, one round trip: ``None`` when acquired, else the holder.
+
+        Winning records a ``started`` event with ``event``'s fields added;
+        losing counts a skip for this host.
+        """
         sent = time.monotonic()
-        won, value, extra = self.store.eval(
+        won, value, extra, recorded = self.store.eval(
             scripts.ACQUIRE,
-            [self.lease_key, self.fence_key],
-            [self.token, self.ttl_ms, json.dumps(self.details)],
+            [self.lease_key, self.fence_key, self.runs_key, self.skips_key],
+            [
+                self.token,
+                self.ttl_ms,
+                json.dumps(self.details),
+                STREAM_LENGTH,
+                *self._fields("started", ttl_ms=self.ttl_ms, **event),
+            ],
         )
+        if not recorded:
+            log.warning("%s: could not record the run in %s", self.key,
+                        self.runs_key if won else self.skips_key)
         if not won:
             return Holder.parse(value, int(extra))
         self.fence, self.since_ms = int(value), int(extra)
@@ -149,7 +167,10 @@ class Lease:
         return None
 
     def acquire(
-        self, wait: float = 0.0, give_up: Callable[[], bool] | None = None
+        self,
+        wait: float = 0.0,
+        give_up: Callable[[], bool] | None = None,
+        **event: object,
     ) -> Holder | None:
         """Try until acquired or ``wait`` seconds have passed.
 
@@ -159,7 +180,7 @@ class Lease:
         until = time.monotonic() + wait
         pause = 0.05
         while True:
-            holder = self.try_acquire()
+            holder = self.try_acquire(**event)
             if holder is None:
                 return None
             left = until - time.monotonic()
@@ -184,29 +205,49 @@ class Lease:
             self.deadline = sent + self.ttl
         log.info("%s: renewed for %s", self.key, format_duration(self.ttl))
 
-    def release(self) -> bool:
-        """Delete the lease if it is still ours; say whether it was."""
-        self.deadline = None
-        released = bool(self.store.eval(scripts.RELEASE, [self.lease_key],
-                                        [self.token]))
-        log.info("%s: %s", self.key, "released" if released else
-                 "not released: it was no longer held by this run")
-        return released
+    def release(
+        self, *, hold: float = 0.0, event: str = "finished", **fields: object
+    ) -> float:
+        """Give the lease back and record ``event`` with ``fields``.
 
-    def hold(self) -> float:
-        """Keep the lease until ``ttl`` after acquisition, then let it expire.
-
-        Returns the seconds it is still held (0 when that time has passed and
-        it was deleted), or -1 when it was no longer ours.
+        With ``hold``, the lease is kept until ``hold`` seconds after it was
+        acquired and deleted only if that moment has passed.  Returns the
+        seconds it is still held (0 when deleted), or -1 when it was no longer
+        this holder's.
         """
         self.deadline = None
-        left_ms = int(self.store.eval(scripts.HOLD, [self.lease_key],
-                                      [self.token, self.ttl_ms]))
+        left_ms, recorded = self.store.eval(
+            scripts.RELEASE,
+            [self.lease_key, self.runs_key],
+            [
+                self.token,
+                max(0, round(hold * 1000)),
+                STREAM_LENGTH,
+                *self._fields(event, fence=self.fence, **fields),
+            ],
+        )
+        if not recorded:
+            log.warning("%s: could not record the run in %s", self.key, self.runs_key)
         if left_ms > 0:
             log.info("%s: held for %s more", self.key, format_duration(left_ms / 1000))
         elif left_ms == 0:
-            log.info("%s: released (the minimum hold has passed)", self.key)
-        return left_ms / 1000 if left_ms >= 0 else -1.0
+            log.info("%s: released", self.key)
+        else:
+            log.info("%s: not released: it was no longer held by this run", self.key)
+        return float(left_ms) / 1000 if left_ms >= 0 else -1.0
+
+    def hold(self, **fields: object) -> float:
+        """Release, but not before ``ttl`` has passed since acquisition."""
+        return self.release(hold=self.ttl, **fields)
+
+    def _fields(self, event: str, **fields: object) -> list[str]:
+        """Flat field/value pairs of a run event."""
+        pairs = ["event", event, "host", str(self.details["host"]),
+                 "pid", str(self.details["pid"])]
+        for name, value in fields.items():
+            if value is not None:
+                pairs += [name, str(value)]
+        return pairs
 
     def check(self) -> None:
         """Raise ``LeaseLost`` if the lease is lost or its deadline has passed."""
@@ -285,7 +326,8 @@ class Lease:
         self.stop_keeping()
         if self.lost_reason is not None:
             return
+        status = "0" if exc_type is None else exc_type.__name__
         try:
-            self.hold() if self.hold_on_exit else self.release()
+            self.release(hold=self.ttl if self.hold_on_exit else 0.0, status=status)
         except StoreError as error:
             log.warning("%s: could not give the lease back: %s", self.key, error)

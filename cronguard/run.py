@@ -18,7 +18,7 @@ from .errors import (
 )
 from .lease import Lease
 from .store import Store
-from .supervise import SignalRelay, Supervisor
+from .supervise import Outcome, SignalRelay, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _run(
             log.warning("%s: skipped, the store failed: %s", key, exc)
             return settings.skip_exit
         log.warning("%s: running without a lease, the store failed: %s", key, exc)
-        return _supervise(settings, environ, relay, None)
+        return _supervise(settings, environ, relay, None).status
 
     if holder is not None:
         log.info("%s: skipped, held by %s", key, holder)
@@ -74,17 +74,22 @@ def _run(
     if relay.first is not None:
         log.info("%s: interrupted by signal %d before the command started", key,
                  relay.first)
-        _give_back(lease, release=True)
+        _give_back(lease, release=True, event="interrupted", signal=relay.first)
         return 128 + relay.first
 
     try:
-        status = _supervise(settings, environ, relay, lease)
-    except (CommandNotFound, CommandNotExecutable):
-        _give_back(lease, release=True)
+        outcome = _supervise(settings, environ, relay, lease)
+    except (CommandNotFound, CommandNotExecutable) as exc:
+        _give_back(lease, release=True, event="failed", status=exc.exit_status)
         raise
-    if lease.lost_reason is None:
-        _give_back(lease, release=settings.release)
-    return status
+    _give_back(
+        lease,
+        release=settings.release or outcome.reason == "lost",
+        status=outcome.returncode,
+        reason=outcome.reason,
+        duration_ms=round(outcome.duration * 1000),
+    )
+    return outcome.status
 
 
 def _supervise(
@@ -92,7 +97,7 @@ def _supervise(
     environ: Mapping[str, str],
     relay: SignalRelay,
     lease: Lease | None,
-) -> int:
+) -> Outcome:
     supervisor = Supervisor(
         settings.command,
         command_environment(environ, lease),
@@ -105,13 +110,14 @@ def _supervise(
     outcome = supervisor.run()
     log.info("%s: command ended with status %d after %.3fs (%s)", settings.key,
              outcome.returncode, outcome.duration, outcome.reason)
-    return outcome.status
+    return outcome
 
 
-def _give_back(lease: Lease, *, release: bool) -> None:
-    """Release the lease or shorten it to its minimum hold; never fail the run."""
+def _give_back(lease: Lease, *, release: bool, **event: object) -> None:
+    """Release the lease or shorten it to its minimum hold, and record how the
+    run ended; a failure here is logged and never changes the exit status."""
     try:
-        lease.release() if release else lease.hold()
+        lease.release(hold=0.0 if release else lease.ttl, **event)
     except StoreError as exc:
         log.warning("%s: could not give the lease back, it expires by itself: %s",
                     lease.key, exc)

@@ -11,6 +11,11 @@ that the value starts with the caller's token, so a host never extends or
 deletes a lease it does not own.  Keys and values reach the scripts only
 through KEYS and ARGV.
 
+The scripts also append the run's events to the job's capped stream and count
+skips per host, so that recording costs no round trip of its own.  They
+record with ``redis.pcall``: a failed write is reported in the reply and
+never undoes or blocks the change to the lease itself.
+
 The scripts are sent with EVAL rather than EVALSHA: a cold server (a restart,
 a failover, SCRIPT FLUSH) then costs no extra NOSCRIPT round trip, and every
 operation stays exactly one command.  The bodies are a few hundred bytes.
@@ -18,45 +23,64 @@ operation stays exactly one command.  The bodies are a few hundred bytes.
 
 from __future__ import annotations
 
-# Shared prelude: does the lease value belong to the token in ARGV[1]?
-_OWNS = """
+# Shared prelude.  owns(): does a lease value belong to the token in ARGV[1]?
+# record(): XADD the field/value pairs ARGV[first..] to a capped stream;
+# returns 1 when written, 0 when the write failed or there was nothing to write.
+_PRELUDE = """
 local function owns(value)
   return value and string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' '
+end
+local function record(stream, maxlen, first, extra)
+  if #ARGV < first then return 0 end
+  local call = {'XADD', stream, 'MAXLEN', '~', maxlen, '*'}
+  for i = first, #ARGV do call[#call + 1] = ARGV[i] end
+  for i = 1, #extra do call[#call + 1] = extra[i] end
+  local reply = redis.pcall(unpack(call))
+  if type(reply) == 'table' and reply.err then return 0 end
+  return 1
+end
+local function now_ms()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 end
 """
 
 ACQUIRE = (
-    _OWNS
+    _PRELUDE
     + """
--- KEYS[1] lease key, KEYS[2] fencing counter
--- ARGV[1] token, ARGV[2] TTL in ms, ARGV[3] holder JSON ({"host":..,"pid":..})
--- Returns {1, fence, since_ms} when the caller holds the lease, or
--- {0, current value, PTTL in ms} when somebody else does.
+-- KEYS[1] lease, KEYS[2] fencing counter, KEYS[3] run stream, KEYS[4] skips hash
+-- ARGV[1] token, ARGV[2] TTL in ms, ARGV[3] holder JSON ({"host":..,"pid":..}),
+-- ARGV[4] stream length cap, ARGV[5..] fields of the "started" event
+-- Returns {1, fence, since_ms, recorded} when the caller holds the lease, or
+-- {0, current value, PTTL in ms, recorded} when somebody else does; then the
+-- skip is counted under the holder JSON's host in KEYS[4].
 -- A retried request whose first attempt won finds its own token and wins
 -- again with the same fence, so retries never burn a fencing token.
 local current = redis.call('GET', KEYS[1])
+local holder = cjson.decode(ARGV[3])
 if current then
   if owns(current) then
-    local holder = cjson.decode(string.sub(current, #ARGV[1] + 2))
-    return {1, holder.fence, holder.since}
+    local mine = cjson.decode(string.sub(current, #ARGV[1] + 2))
+    return {1, mine.fence, mine.since, 1}
   end
-  return {0, current, redis.call('PTTL', KEYS[1])}
+  local counted = redis.pcall('HINCRBY', KEYS[4], holder.host, 1)
+  local recorded = (type(counted) == 'table' and counted.err) and 0 or 1
+  return {0, current, redis.call('PTTL', KEYS[1]), recorded}
 end
 local fence = redis.call('INCR', KEYS[2])
-local now = redis.call('TIME')
-local since = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local holder = cjson.decode(ARGV[3])
+local since = now_ms()
 holder.fence = fence
 holder.since = since
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. cjson.encode(holder), 'PX', ARGV[2])
-return {1, fence, since}
+local recorded = record(KEYS[3], ARGV[4], 5, {'fence', tostring(fence)})
+return {1, fence, since, recorded}
 """
 )
 
 RENEW = (
-    _OWNS
+    _PRELUDE
     + """
--- KEYS[1] lease key
+-- KEYS[1] lease
 -- ARGV[1] token, ARGV[2] new TTL in ms
 -- Returns 1 when the lease was extended, 0 when the caller no longer holds it.
 if owns(redis.call('GET', KEYS[1])) then
@@ -68,41 +92,27 @@ return 0
 )
 
 RELEASE = (
-    _OWNS
+    _PRELUDE
     + """
--- KEYS[1] lease key
--- ARGV[1] token
--- Returns 1 when the lease was deleted, 0 when the caller did not hold it.
-if owns(redis.call('GET', KEYS[1])) then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"""
-)
-
-HOLD = (
-    _OWNS
-    + """
--- KEYS[1] lease key
--- ARGV[1] token, ARGV[2] minimum hold in ms, counted from acquisition
--- Shortens a renewed lease so that it ends ARGV[2] ms after it was acquired,
--- or deletes it when that moment has passed.
--- Returns the ms the lease is still held (0 when it was deleted), or -1 when
--- the caller did not hold it.
+-- KEYS[1] lease, KEYS[2] run stream
+-- ARGV[1] token, ARGV[2] minimum hold in ms counted from acquisition (0: none),
+-- ARGV[3] stream length cap, ARGV[4..] fields of an event to record (optional)
+-- Deletes the lease, or when the minimum hold has not passed yet, shortens it
+-- to end exactly then.  The event is recorded whether or not the caller
+-- still held the lease: a run that lost its lease still finished.
+-- Returns {ms still held (0 when deleted, -1 when not the caller's), recorded}.
 local current = redis.call('GET', KEYS[1])
-if not owns(current) then
-  return -1
+local left = -1
+if owns(current) then
+  local holder = cjson.decode(string.sub(current, #ARGV[1] + 2))
+  left = holder.since + tonumber(ARGV[2]) - now_ms()
+  if left > 0 then
+    redis.call('PEXPIRE', KEYS[1], left)
+  else
+    left = 0
+    redis.call('DEL', KEYS[1])
+  end
 end
-local holder = cjson.decode(string.sub(current, #ARGV[1] + 2))
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local left = holder.since + tonumber(ARGV[2]) - now_ms
-if left <= 0 then
-  redis.call('DEL', KEYS[1])
-  return 0
-end
-redis.call('PEXPIRE', KEYS[1], left)
-return left
+return {left, record(KEYS[2], ARGV[3], 4, {})}
 """
 )
