@@ -98,6 +98,18 @@ Redis = Annotated[
         "[default: REDIS_URL, else redis://localhost:6379/0].",
     ),
 ]
+# The run command takes --redis more than once: three or more servers vote.
+RedisNodes = Annotated[
+    list[str] | None,
+    _option(
+        "--redis",
+        metavar="URL",
+        help="Lock store: redis://, rediss:// or unix:// URL, "
+        "redis+sentinel://H:P[,H:P...]/SERVICE[/DB] or "
+        "redis+cluster://H:P[,H:P...]; three or more times for a quorum "
+        "[default: REDIS_URL, else redis://localhost:6379/0].",
+    ),
+]
 RedisTimeout = Annotated[
     str,
     _option(
@@ -113,6 +125,36 @@ RedisPasswordFile = Annotated[
         metavar="FILE",
         help="Read the store password from FILE (or set CRONGUARD_REDIS_PASSWORD).",
     ),
+]
+SentinelPasswordFile = Annotated[
+    str | None,
+    _option(
+        "--sentinel-password-file",
+        metavar="FILE",
+        help="Read the sentinels' own password from FILE "
+        "(or set CRONGUARD_SENTINEL_PASSWORD).",
+    ),
+]
+TlsCa = Annotated[
+    str | None,
+    _option(
+        "--tls-ca",
+        metavar="FILE",
+        help="CA certificates (PEM) to verify a rediss:// server "
+        "[default: the system's].",
+    ),
+]
+TlsCert = Annotated[
+    str | None,
+    _option(
+        "--tls-cert",
+        metavar="FILE",
+        help="Client certificate (PEM) for a rediss:// server that asks for one.",
+    ),
+]
+TlsKey = Annotated[
+    str | None,
+    _option("--tls-key", metavar="FILE", help="Private key (PEM) of --tls-cert."),
 ]
 Prefix = Annotated[str, _option("--prefix", help="Prefix of every Redis key.")]
 Config = Annotated[
@@ -234,9 +276,22 @@ def run_command(
             help="Exit status when another host holds the lease.",
         ),
     ] = "0",
-    redis: Redis = None,
+    min_replicas: Annotated[
+        str,
+        _option(
+            "--min-replicas",
+            metavar="N",
+            help="Count the lease only once N replicas have it (WAIT, up to "
+            "--redis-timeout); else give it back and exit 75.",
+        ),
+    ] = "0",
+    redis: RedisNodes = None,
     redis_timeout: RedisTimeout = "2s",
     redis_password_file: RedisPasswordFile = None,
+    sentinel_password_file: SentinelPasswordFile = None,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     prefix: Prefix = "cronguard",
     config: Config = None,
     verbose: Verbose = 0,
@@ -250,7 +305,7 @@ def run_command(
         if (
             redis
             and ctx.get_parameter_source("redis") is ParameterSource.COMMANDLINE
-            and url_has_password(redis)
+            and any(url_has_password(url) for url in redis)
         ):
             log.warning(
                 "the password in --redis is visible to every user in ps; use "

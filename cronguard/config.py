@@ -68,8 +68,10 @@ def load_file(path: str, known: Iterable[str]) -> dict[str, Any]:
             )
         settings[name] = value
 
-    holds_secret = "redis-password" in settings or (
-        isinstance(settings.get("redis"), str) and url_has_password(settings["redis"])
+    urls = settings.get("redis")
+    urls = urls if isinstance(urls, list) else [urls]
+    holds_secret = "redis-password" in settings or any(
+        isinstance(url, str) and url_has_password(url) for url in urls
     )
     if holds_secret and mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UsageError(
@@ -150,9 +152,34 @@ def read_password_file(path: str) -> str:
     return password
 
 
+def store_urls(value: Any, environ: Mapping[str, str]) -> list[str]:
+    """The store URLs given: one, or several for quorum mode.
+
+    ``--redis`` may be repeated; the variable and the file may list several
+    (space-separated, or a TOML array).
+    """
+    if isinstance(value, str):
+        urls = value.split()
+    elif isinstance(value, (list, tuple)):
+        urls = [word for item in value for word in str(item).split()]
+    else:
+        urls = []
+    return urls or [environ.get("REDIS_URL") or DEFAULT_URL]
+
+
+def tls_file(option: str, value: Any) -> str | None:
+    if not value:
+        return None
+    path = str(value)
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{describe(option)}: cannot read {path}; fix the path")
+    return path
+
+
 def store_settings(values: Mapping[str, Any], environ: Mapping[str, str]) -> StoreSettings:
     """The store settings from option values (already merged with the file)."""
-    url = values.get("redis") or environ.get("REDIS_URL") or DEFAULT_URL
+    urls = store_urls(values.get("redis"), environ)
+    url = urls[0]
     password = values.get("redis-password") or environ.get("CRONGUARD_REDIS_PASSWORD")
     if values.get("redis-password-file"):
         password = read_password_file(values["redis-password-file"])
@@ -166,9 +193,22 @@ def store_settings(values: Mapping[str, Any], environ: Mapping[str, str]) -> Sto
         timeout=duration("redis-timeout", values.get("redis-timeout", "2s"),
                          minimum=0.001),
         prefix=prefix,
+        nodes=tuple(urls) if len(urls) > 1 else (),
+        sentinel_password=sentinel_password(values, environ),
+        tls_ca=tls_file("tls-ca", values.get("tls-ca")),
+        tls_cert=tls_file("tls-cert", values.get("tls-cert")),
+        tls_key=tls_file("tls-key", values.get("tls-key")),
+        min_replicas=integer("min-replicas", values.get("min-replicas") or 0, 0, 100),
     )
     settings.validate()
     return settings
+
+
+def sentinel_password(values: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """The sentinels' own password: a file, else ``CRONGUARD_SENTINEL_PASSWORD``."""
+    if values.get("sentinel-password-file"):
+        return read_password_file(values["sentinel-password-file"])
+    return environ.get("CRONGUARD_SENTINEL_PASSWORD") or None
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,15 @@ class CommandNotExecutable(CronguardError):
     """The command exists but cannot be executed."""
 
     exit_status = EXIT_NOT_EXECUTABLE
+
+
+class NotReplicated(StoreError):
+    """Fewer replicas than ``--min-replicas`` confirmed a new lease in time.
+
+    The lease has been given back: it could vanish in a failover, so it does
+    not count as acquired.
+    """
+
+
+class QuorumUnavailable(StoreError):
+    """Too few quorum nodes answered to decide who holds a lease."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import scripts
 from .durations import format_duration
-from .errors import LeaseHeld, LeaseLost, StoreError
+from .errors import LeaseHeld, LeaseLost, NotReplicated, StoreError
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,50 @@ class Lease:
         self.fence, self.since_ms = int(value), int(extra)
         self.deadline = sent + self.ttl
         self.lost_reason = None
+        if self.store.settings.min_replicas:
+            self._await_replicas()
         log.info("%s: acquired (fence %d, ttl %s)", self.key, self.fence,
                  format_duration(self.ttl))
         return None
+
+    def _await_replicas(self) -> None:
+        """Count the lease only once ``--min-replicas`` replicas have it.
+
+        A lease that only the primary has is lost if the primary fails over
+        now; then another host can win the same window.  So unless enough
+        replicas confirm it in time, it is given back and ``NotReplicated``
+        raised, as for any store that fails before the command starts.
+        """
+        settings = self.store.settings
+        wanted = settings.min_replicas
+        try:
+            acked = self.store.acknowledged_replicas(self.lease_key)
+        except StoreError as exc:
+            log.warning("%s: WAIT for replicas failed: %s", self.key, exc)
+            acked = 0
+        if acked >= wanted and self.deadline and time.monotonic() < self.deadline:
+            log.debug("%s: %d replicas have the lease", self.key, acked)
+            return
+
+        try:
+            self.release(event="unreplicated", replicas=acked)
+        except StoreError as exc:
+            log.warning("%s: could not give the unreplicated lease back, it "
+                        "expires by itself: %s", self.key, exc)
+        connected = self.store.connected_replicas(self.lease_key)
+        text = (
+            f"{self.key}: {acked} of the {wanted} replicas required by "
+            "--min-replicas (CRONGUARD_MIN_REPLICAS) confirmed the lease within "
+            f"{format_duration(settings.timeout)}, so it was given back; "
+        )
+        if connected is not None and connected < wanted:
+            text += (
+                f"the primary has only {connected} replicas connected: lower "
+                "--min-replicas or bring the replicas back"
+            )
+        else:
+            text += "replication lags: raise --redis-timeout or check the replicas"
+        raise NotReplicated(text, self.store.description)
 
     def acquire(
         self,

@@ -17,13 +17,18 @@ from .errors import (
     StoreError,
 )
 from .lease import Lease
-from .store import Store
+from .store import Store, open_store
 from .supervise import Outcome, SignalRelay, Supervisor
 
 log = logging.getLogger(__name__)
 
 # cronguard's own secrets never reach the command.
-_SECRET_VARIABLES = ("CRONGUARD_REDIS_PASSWORD", "CRONGUARD_REDIS_PASSWORD_FILE")
+_SECRET_VARIABLES = (
+    "CRONGUARD_REDIS_PASSWORD",
+    "CRONGUARD_REDIS_PASSWORD_FILE",
+    "CRONGUARD_SENTINEL_PASSWORD",
+    "CRONGUARD_SENTINEL_PASSWORD_FILE",
+)
 
 
 def command_environment(
@@ -44,7 +49,7 @@ def run(settings: RunSettings, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     relay = SignalRelay()
     relay.install()
-    store = Store(settings.store)
+    store = open_store(settings.store)
     try:
         return _run(settings, environ, store, relay)
     finally:
@@ -56,7 +61,7 @@ def _run(
     settings: RunSettings, environ: Mapping[str, str], store: Store, relay: SignalRelay
 ) -> int:
     key = settings.key
-    lease = Lease(store, key, settings.ttl, renew=settings.renew)
+    lease = _lease_class(store)(store, key, settings.ttl, renew=settings.renew)
     try:
         holder = lease.acquire(settings.wait, give_up=lambda: bool(relay.received))
     except StoreError as exc:
@@ -90,6 +95,15 @@ def _run(
         duration_ms=round(outcome.duration * 1000),
     )
     return outcome.status
+
+
+def _lease_class(store: Store) -> type[Lease]:
+    """``Lease``, or the quorum variant when the store is several servers."""
+    if not store.settings.nodes:
+        return Lease
+    from .quorum import QuorumLease
+
+    return QuorumLease
 
 
 def _supervise(

@@ -116,3 +116,26 @@ end
 return {left, record(KEYS[2], ARGV[3], 4, {})}
 """
 )
+
+QUORUM_CONFIRM = (
+    _PRELUDE
+    + """
+-- Second step of a quorum acquisition, sent once a majority granted the lease.
+-- KEYS[1] lease, KEYS[2] fencing counter, KEYS[3] run stream
+-- ARGV[1] token, ARGV[2] the fence chosen (the highest the granting nodes
+-- gave), ARGV[3] stream length cap, ARGV[4..] fields of the "started" event
+-- Where the caller still holds the lease: raises the counter to the fence if
+-- it is lower, writes the fence into the holder details (the TTL is kept) and
+-- records the event.  Returns {1, recorded}; {0, 0} where it does not hold it.
+local current = redis.call('GET', KEYS[1])
+if not owns(current) then return {0, 0} end
+local fence = tonumber(ARGV[2])
+if tonumber(redis.call('GET', KEYS[2]) or '0') < fence then
+  redis.call('SET', KEYS[2], ARGV[2])
+end
+local holder = cjson.decode(string.sub(current, #ARGV[1] + 2))
+holder.fence = fence
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. cjson.encode(holder), 'KEEPTTL')
+return {1, record(KEYS[3], ARGV[3], 4, {'fence', ARGV[2]})}
+"""
+)

@@ -1,5 +1,24 @@
 """The lock store: a connection to Redis, the job's key names, and the errors
 that a store can answer with, turned into messages an operator can act on.
+
+One interface, several deployments, chosen by the URL's scheme in
+``open_store``:
+
+- ``redis://``, ``rediss://`` (TLS) and ``unix://``: one server (``Store``).
+- ``redis+sentinel://H:P[,H:P...]/SERVICE[/DB]``: the primary that Sentinel
+  names (``SentinelStore``).  A primary that was demoted answers writes with
+  READONLY; redis-py turns that into a connection error, asks Sentinel again
+  and the request is retried on the new primary.  A lease is never taken on
+  a replica: a replica refuses the acquire script's first write, so the
+  script fails as a whole and the caller sees a ``StoreError``.
+- ``redis+cluster://H:P[,H:P...]``: a Redis Cluster (``ClusterStore``).  Every
+  key of a job carries the hash tag ``{KEY}``, so each script touches one
+  slot and redis-py sends it to that slot's primary, following MOVED and ASK.
+- ``--redis`` three or more times: independent primaries voting on each
+  lease (``quorum.QuorumStore``, driven by ``quorum.QuorumLease``).
+
+``--min-replicas N`` adds a ``WAIT`` after a won acquisition, on the same
+connection as the write (see ``Store.acknowledged_replicas``).
 """
 
 from __future__ import annotations
@@ -21,12 +40,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URL = "redis://localhost:6379/0"
 SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+ALL_SCHEMES = (*SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)
 
 # Two retries after the first attempt, 0.2 s and 0.4 s apart: enough to ride
 # out a restart or a dropped connection, few enough that a dead store costs a
 # cron slot at most about three times --redis-timeout.
 RETRIES = 2
 _BACKOFF = ExponentialBackoff(cap=0.4, base=0.1)
+
 
 def redact(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``."""
@@ -56,18 +79,115 @@ class StoreSettings:
     password: str | None = None
     timeout: float = 2.0
     prefix: str = "cronguard"
+    # Quorum mode: every node's URL (three or more), ``url`` being the first.
+    nodes: tuple[str, ...] = ()
+    sentinel_password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    min_replicas: int = 0
+
+    @property
+    def scheme(self) -> str:
+        return scheme_of(self.url)
 
     def validate(self) -> None:
-        scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
-        if scheme not in SCHEMES:
+        for url in self.nodes or (self.url,):
+            _validate_url(url, quorum=bool(self.nodes))
+        if self.nodes and len(self.nodes) < 3:
             raise UsageError(
-                f"--redis: {redact(self.url)!r} is not a store URL; use "
-                "redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH"
+                f"--redis (CRONGUARD_REDIS) given {len(self.nodes)} times: quorum "
+                "mode needs three or more independent servers, because a "
+                "majority of two is both, so losing either one would stop every "
+                "job; give one URL, or three or more"
             )
-        try:
-            urlsplit(self.url).port  # noqa: B018 - parses and checks the port
-        except ValueError as exc:
-            raise UsageError(f"--redis: {redact(self.url)!r}: {exc}") from None
+        if self.nodes and self.min_replicas:
+            raise UsageError(
+                "--min-replicas (CRONGUARD_MIN_REPLICAS) does not apply to quorum "
+                "mode, whose nodes are independent primaries; drop one of them"
+            )
+        tls = [f for f in (self.tls_ca, self.tls_cert, self.tls_key) if f]
+        if tls and not all(scheme_of(u) == "rediss" for u in self.nodes or (self.url,)):
+            raise UsageError(
+                "--tls-ca, --tls-cert and --tls-key apply to rediss:// URLs only; "
+                "change --redis (CRONGUARD_REDIS) to rediss://HOST:PORT/DB"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise UsageError(
+                "a client certificate needs its key: give both --tls-cert "
+                "(CRONGUARD_TLS_CERT) and --tls-key (CRONGUARD_TLS_KEY)"
+            )
+
+
+def scheme_of(url: str) -> str:
+    return url.partition("://")[0].lower() if "://" in url else ""
+
+
+def _validate_url(url: str, *, quorum: bool) -> None:
+    scheme = scheme_of(url)
+    if scheme not in ALL_SCHEMES:
+        raise UsageError(
+            f"--redis: {redact(url)!r} is not a store URL; use "
+            "redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH, "
+            "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] or "
+            "redis+cluster://HOST:PORT[,HOST:PORT...]"
+        )
+    if quorum and scheme not in SCHEMES:
+        raise UsageError(
+            f"--redis: {redact(url)!r}: quorum mode votes among independent "
+            "servers; give each as redis://, rediss:// or unix://"
+        )
+    if scheme in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        MultiHostURL.parse(url)
+        return
+    try:
+        urlsplit(url).port  # noqa: B018 - parses and checks the port
+    except ValueError as exc:
+        raise UsageError(f"--redis: {redact(url)!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MultiHostURL:
+    """A Sentinel or Cluster URL: credentials, several hosts, then a path.
+
+    ``urllib`` cannot parse a comma-separated host list, so this does.
+    """
+
+    scheme: str
+    username: str | None
+    password: str | None
+    hosts: tuple[tuple[str, int], ...]
+    path: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, url: str) -> MultiHostURL:
+        from urllib.parse import unquote
+
+        scheme, _, rest = url.partition("://")
+        netloc, _, path = rest.partition("/")
+        path = path.partition("?")[0]
+        userinfo, _, hostlist = netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        default_port = 26379 if scheme.lower() == SENTINEL_SCHEME else 6379
+        hosts = []
+        for item in hostlist.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon:
+                host, port = port, str(default_port)
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise UsageError(
+                    f"--redis: {redact(url)!r}: {item!r} is not HOST:PORT; list "
+                    "the servers as HOST:PORT,HOST:PORT"
+                )
+            hosts.append((host, int(port)))
+        return cls(
+            scheme=scheme.lower(),
+            username=unquote(user) or None,
+            password=unquote(password) or None,
+            hosts=tuple(hosts),
+            path=tuple(unquote(p) for p in path.split("/") if p),
+        )
 
 
 class Store:
@@ -77,22 +197,41 @@ class Store:
     they live in one slot and a script may touch all of them.
     """
 
+    # Retries after a failed request; quorum nodes make none (see quorum).
+    retries = RETRIES
+
     def __init__(self, settings: StoreSettings) -> None:
         settings.validate()
         self.settings = settings
         self.description = redact(settings.url)
-        self.client: redis.Redis = redis.Redis.from_url(
-            settings.url,
-            password=settings.password,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            retry=Retry(_BACKOFF, RETRIES),
-            retry_on_error=[redis.exceptions.BusyLoadingError],
+        self.client: redis.Redis = self._connect()
+
+    def _connect(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.settings.url,
+            password=self.settings.password,
+            retry=Retry(_BACKOFF, self.retries),
+            **self._connection_options(),
+        )
+
+    def _connection_options(self) -> dict[str, Any]:
+        """Options of every connection to a data server, whatever the topology."""
+        settings = self.settings
+        options: dict[str, Any] = {
+            "socket_timeout": settings.timeout,
+            "socket_connect_timeout": settings.timeout,
+            "retry_on_error": [redis.exceptions.BusyLoadingError],
             # No CLIENT SETINFO in the handshake: every firing on every host
             # opens a fresh connection, and each command there is a round trip.
-            lib_name=None,
-            lib_version=None,
-        )
+            "lib_name": None,
+            "lib_version": None,
+        }
+        if settings.tls_ca:
+            options["ssl_ca_certs"] = settings.tls_ca
+        if settings.tls_cert:
+            options["ssl_certfile"] = settings.tls_cert
+            options["ssl_keyfile"] = settings.tls_key
+        return options
 
     def key(self, job: str, kind: str) -> str:
         return redis_key(self.settings.prefix, job, kind)
@@ -103,6 +242,45 @@ class Store:
             return self.client.eval(script, len(keys), *keys, *args)
         except redis.RedisError as exc:
             raise self.error(exc) from exc
+
+    def acknowledged_replicas(self, key: str) -> int:
+        """``WAIT`` for ``min_replicas`` to have the last write made for ``key``.
+
+        WAIT counts the replicas that have every write of *its own
+        connection*, so it must run on the connection that carried the
+        acquire script.  The connection pools are last-in first-out and the
+        acquisition is the only request in flight, so the pool hands that
+        connection out again; a connection that is not open any more (it
+        failed and would be opened afresh) has no writes to wait for and
+        would count every replica, so it counts as none.  Not retried: a
+        retry would run on a new connection.
+        """
+        pool = self._pool_for(key)
+        connection = pool.get_connection()
+        try:
+            if getattr(connection, "_sock", None) is None:
+                return 0
+            timeout_ms = max(1, round(self.settings.timeout * 1000))
+            connection.send_command("WAIT", self.settings.min_replicas, timeout_ms)
+            return int(connection.read_response())
+        except redis.RedisError as exc:
+            raise self.error(exc) from exc
+        finally:
+            pool.release(connection)
+
+    def connected_replicas(self, key: str) -> int | None:
+        """How many replicas the primary that holds ``key`` has, if it says."""
+        try:
+            info = self._node_client(key).info("replication")
+        except redis.RedisError:
+            return None
+        return int(info.get("connected_slaves", 0))
+
+    def _pool_for(self, key: str) -> Any:
+        return self.client.connection_pool
+
+    def _node_client(self, key: str) -> redis.Redis:
+        return self.client
 
     def error(self, exc: BaseException) -> StoreError:
         """Describe ``exc`` as the store's failure, with the fix for it."""
@@ -123,9 +301,21 @@ class Store:
                 f"{where} is a read-only replica; point --redis (CRONGUARD_REDIS) "
                 "at the primary, or use redis+sentinel://"
             )
+        elif isinstance(exc, redis.sentinel.MasterNotFoundError):
+            text = (
+                f"{where}: no Sentinel names a reachable primary ({exc}); check "
+                "the sentinels and the service name in --redis (CRONGUARD_REDIS)"
+            )
+        elif isinstance(exc, (redis.exceptions.ClusterDownError,
+                              redis.exceptions.RedisClusterException)):
+            text = (
+                f"{where}: the cluster cannot serve the job's slot ({exc}); a "
+                "shard may be failing over or the nodes in --redis "
+                "(CRONGUARD_REDIS) are not reachable"
+            )
         elif isinstance(exc, redis.TimeoutError):
             text = (
-                f"{where}: no answer within {limit} (after {RETRIES} retries); the "
+                f"{where}: no answer within {limit} (after {self.retries} retries); the "
                 "server may be paused, overloaded or unreachable "
                 "(--redis-timeout / CRONGUARD_REDIS_TIMEOUT sets the limit)"
             )
@@ -141,3 +331,119 @@ class Store:
 
     def close(self) -> None:
         self.client.close()
+
+
+class SentinelStore(Store):
+    """The primary of a Sentinel-managed service, found and followed by redis-py.
+
+    The URL's password is the data servers' password.  Sentinels often have
+    one of their own (``requirepass`` in sentinel.conf): it comes from
+    ``CRONGUARD_SENTINEL_PASSWORD`` or ``--sentinel-password-file``.
+    """
+
+    def _connect(self) -> redis.Redis:
+        from redis.sentinel import Sentinel
+
+        parsed = MultiHostURL.parse(self.settings.url)
+        if not parsed.path or len(parsed.path) > 2:
+            raise UsageError(
+                f"--redis: {self.description!r} names no service; use "
+                "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+            )
+        service = parsed.path[0]
+        db = parsed.path[1] if len(parsed.path) > 1 else "0"
+        if not db.isdigit():
+            raise UsageError(f"--redis: {self.description!r}: {db!r} is not a db number")
+        options = self._connection_options()
+        sentinel_options = {
+            key: options[key]
+            for key in ("socket_timeout", "socket_connect_timeout", "lib_name",
+                        "lib_version")
+        }
+        if self.settings.sentinel_password:
+            sentinel_options["password"] = self.settings.sentinel_password
+        sentinel = Sentinel(list(parsed.hosts), sentinel_kwargs=sentinel_options)
+        client: redis.Redis = sentinel.master_for(
+            service,
+            username=parsed.username,
+            password=self.settings.password or parsed.password,
+            db=int(db),
+            retry=Retry(_BACKOFF, self.retries),
+            **options,
+        )
+        return client
+
+
+class ClusterStore(Store):
+    """A Redis Cluster.  A job's keys share one slot, so every script goes to
+    one shard's primary; redis-py follows MOVED/ASK and refreshes the slot map
+    after a shard fails over.
+
+    The client is made on first use: making it asks the cluster for its slot
+    map, and a failure then is the store's failure like any other.
+    """
+
+    def __init__(self, settings: StoreSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.description = redact(settings.url)
+        self._cluster: Any = None
+
+    @property  # type: ignore[override]
+    def client(self) -> Any:
+        if self._cluster is None:
+            self._cluster = self._connect_cluster()
+        return self._cluster
+
+    def _connect_cluster(self) -> Any:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        parsed = MultiHostURL.parse(self.settings.url)
+        if parsed.path and parsed.path != ("0",):
+            raise UsageError(
+                f"--redis: {self.description!r}: a cluster has database 0 only; "
+                "drop the path from the URL"
+            )
+        options = self._connection_options()
+        try:
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
+                username=parsed.username,
+                password=self.settings.password or parsed.password,
+                retry=Retry(_BACKOFF, self.retries + 1),
+                **options,
+            )
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise self.error(exc) from exc
+
+    def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return self.client.eval(script, len(keys), *keys, *args)
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise self.error(exc) from exc
+
+    def _node_client(self, key: str) -> redis.Redis:
+        node = self.client.get_node_from_key(key)
+        client: redis.Redis = self.client.get_redis_connection(node)
+        return client
+
+    def _pool_for(self, key: str) -> Any:
+        return self._node_client(key).connection_pool
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def open_store(settings: StoreSettings) -> Store:
+    """The store for ``settings``: one server, Sentinel, Cluster or a quorum."""
+    settings.validate()
+    if settings.nodes:
+        from .quorum import QuorumStore
+
+        return QuorumStore(settings)
+    if settings.scheme == SENTINEL_SCHEME:
+        return SentinelStore(settings)
+    if settings.scheme == CLUSTER_SCHEME:
+        return ClusterStore(settings)
+    return Store(settings)
