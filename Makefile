@@ -18,7 +18,6 @@ test: $(BIN)/cronguard
 
 lint: $(BIN)/cronguard
 	$(BIN)/ruff check cronguard tests bench
-	$(BIN)/ruff format --check cronguard
 	$(BIN)/mypy
 
 bench: $(BIN)/cronguard
