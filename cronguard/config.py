@@ -112,9 +112,13 @@ def integer(option: str, value: Any, low: int, high: int) -> int:
         if isinstance(value, bool) or str(number) != str(value).strip():
             raise ValueError
     except (TypeError, ValueError):
-        raise UsageError(f"{describe(option)}: {value!r} is not a whole number") from None
+        raise UsageError(
+            f"{describe(option)}: {value!r} is not a whole number"
+        ) from None
     if not low <= number <= high:
-        raise UsageError(f"{describe(option)}: {number} is not between {low} and {high}")
+        raise UsageError(
+            f"{describe(option)}: {number} is not between {low} and {high}"
+        )
     return number
 
 
@@ -176,7 +180,9 @@ def tls_file(option: str, value: Any) -> str | None:
     return path
 
 
-def store_settings(values: Mapping[str, Any], environ: Mapping[str, str]) -> StoreSettings:
+def store_settings(
+    values: Mapping[str, Any], environ: Mapping[str, str]
+) -> StoreSettings:
     """The store settings from option values (already merged with the file)."""
     urls = store_urls(values.get("redis"), environ)
     url = urls[0]
@@ -204,7 +210,9 @@ def store_settings(values: Mapping[str, Any], environ: Mapping[str, str]) -> Sto
     return settings
 
 
-def sentinel_password(values: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+def sentinel_password(
+    values: Mapping[str, Any], environ: Mapping[str, str]
+) -> str | None:
     """The sentinels' own password: a file, else ``CRONGUARD_SENTINEL_PASSWORD``."""
     if values.get("sentinel-password-file"):
         return read_password_file(values["sentinel-password-file"])
@@ -255,7 +263,9 @@ class RunSettings:
             wait=duration("wait", values.get("wait", 0)),
             timeout=optional_duration("timeout", values.get("timeout")),
             kill_after=duration("kill-after", values.get("kill-after", "10s")),
-            on_lost=choice("on-lost", values.get("on-lost", "term"), ("term", "ignore")),
+            on_lost=choice(
+                "on-lost", values.get("on-lost", "term"), ("term", "ignore")
+            ),
             on_error=choice(
                 "on-error", values.get("on-error", "fail"), ("fail", "skip", "run")
             ),
