@@ -200,7 +200,8 @@ class Lease:
         )
         if connected is not None and connected < wanted:
             text += (
-                f"the primary has only {connected} replicas connected: lower "
+                f"the primary has only {connected} connected "
+                f"replica{'' if connected == 1 else 's'}: lower "
                 "--min-replicas or bring the replicas back"
             )
         else:

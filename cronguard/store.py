@@ -138,7 +138,19 @@ def _validate_url(url: str, *, quorum: bool) -> None:
             "servers; give each as redis://, rediss:// or unix://"
         )
     if scheme in (SENTINEL_SCHEME, CLUSTER_SCHEME):
-        MultiHostURL.parse(url)
+        path = MultiHostURL.parse(url).path
+        if scheme == SENTINEL_SCHEME and (
+            not 1 <= len(path) <= 2 or not (path[1:] or ["0"])[0].isdigit()
+        ):
+            raise UsageError(
+                f"--redis: {redact(url)!r} names no service; use "
+                "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+            )
+        if scheme == CLUSTER_SCHEME and path not in ((), ("0",)):
+            raise UsageError(
+                f"--redis: {redact(url)!r}: a cluster has database 0 only; "
+                "drop the path from the URL"
+            )
         return
     try:
         urlsplit(url).port  # noqa: B018 - parses and checks the port
@@ -260,10 +272,14 @@ class Store:
         try:
             if getattr(connection, "_sock", None) is None:
                 return 0
-            timeout_ms = max(1, round(self.settings.timeout * 1000))
-            connection.send_command("WAIT", self.settings.min_replicas, timeout_ms)
-            return int(connection.read_response())
+            timeout = self.settings.timeout
+            connection.send_command("WAIT", self.settings.min_replicas,
+                                    max(1, round(timeout * 1000)))
+            # The server answers when the WAIT times out: read a little longer.
+            return int(connection.read_response(timeout=timeout + 1.0))
         except redis.RedisError as exc:
+            # A reply may still be on its way; it must not answer a later request.
+            connection.disconnect()
             raise self.error(exc) from exc
         finally:
             pool.release(connection)
@@ -315,8 +331,8 @@ class Store:
             )
         elif isinstance(exc, redis.TimeoutError):
             text = (
-                f"{where}: no answer within {limit} (after {self.retries} retries); the "
-                "server may be paused, overloaded or unreachable "
+                f"{where}: no answer within {limit} (after {self.retries} "
+                "retries); the server may be paused, overloaded or unreachable "
                 "(--redis-timeout / CRONGUARD_REDIS_TIMEOUT sets the limit)"
             )
         elif isinstance(exc, redis.ConnectionError):
@@ -353,7 +369,9 @@ class SentinelStore(Store):
         service = parsed.path[0]
         db = parsed.path[1] if len(parsed.path) > 1 else "0"
         if not db.isdigit():
-            raise UsageError(f"--redis: {self.description!r}: {db!r} is not a db number")
+            raise UsageError(
+                f"--redis: {self.description!r}: {db!r} is not a database number"
+            )
         options = self._connection_options()
         sentinel_options = {
             key: options[key]
@@ -362,8 +380,10 @@ class SentinelStore(Store):
         }
         if self.settings.sentinel_password:
             sentinel_options["password"] = self.settings.sentinel_password
-        sentinel = Sentinel(list(parsed.hosts), sentinel_kwargs=sentinel_options)
-        client: redis.Redis = sentinel.master_for(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(parsed.hosts), sentinel_kwargs=sentinel_options
+        )
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
             service,
             username=parsed.username,
             password=self.settings.password or parsed.password,
@@ -389,11 +409,15 @@ class ClusterStore(Store):
         self.description = redact(settings.url)
         self._cluster: Any = None
 
-    @property  # type: ignore[override]
+    @property
     def client(self) -> Any:
         if self._cluster is None:
             self._cluster = self._connect_cluster()
         return self._cluster
+
+    @client.setter
+    def client(self, value: Any) -> None:
+        self._cluster = value
 
     def _connect_cluster(self) -> Any:
         from redis.cluster import ClusterNode, RedisCluster
@@ -407,7 +431,10 @@ class ClusterStore(Store):
         options = self._connection_options()
         try:
             return RedisCluster(
-                startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
+                startup_nodes=[
+                    ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                    for host, port in parsed.hosts
+                ],
                 username=parsed.username,
                 password=self.settings.password or parsed.password,
                 retry=Retry(_BACKOFF, self.retries + 1),

@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
@@ -156,3 +156,338 @@ class RedisServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; fail with ``what`` after ``timeout``."""
+    until = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < until:
+        try:
+            if predicate():
+                return
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}" + (f": {last}" if last else ""))
+
+
+def _alive(server: RedisServer) -> bool:
+    return server.process is not None and server.process.poll() is None
+
+
+# TLS: a throwaway certificate authority made with the openssl command.
+
+
+class Certificates:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.ca = directory / "ca.pem"
+        self.ca_key = directory / "ca.key"
+        self.server_cert = directory / "server.pem"
+        self.server_key = directory / "server.key"
+        self.client_cert = directory / "client.pem"
+        self.client_key = directory / "client.key"
+        self.other_ca = directory / "other-ca.pem"
+        self._make_ca(self.ca, self.ca_key, "cronguard test CA")
+        self._make_ca(self.other_ca, directory / "other-ca.key", "unrelated CA")
+        self._issue(self.server_cert, self.server_key, "127.0.0.1",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost")
+        self._issue(self.client_cert, self.client_key, "cronguard client",
+                    "extendedKeyUsage=clientAuth")
+
+    def _openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True,
+                       cwd=self.directory)
+
+    def _make_ca(self, cert: Path, key: Path, name: str) -> None:
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                      "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}")
+
+    def _issue(self, cert: Path, key: Path, name: str, extension: str) -> None:
+        request = cert.with_suffix(".csr")
+        extensions = cert.with_suffix(".ext")
+        extensions.write_text(extension + "\n")
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                      "-out", str(request), "-subj", f"/CN={name}")
+        self._openssl("x509", "-req", "-in", str(request), "-CA", str(self.ca),
+                      "-CAkey", str(self.ca_key), "-CAcreateserial", "-days", "2",
+                      "-out", str(cert), "-extfile", str(extensions))
+
+
+class TlsServer(RedisServer):
+    """A server that also listens with TLS on ``tls_port``, asking clients for
+    a certificate signed by the test CA when ``client_certs`` is set."""
+
+    def __init__(
+        self, directory: Path, certs: Certificates, *, client_certs: bool = False
+    ) -> None:
+        self.tls_port = free_port()
+        super().__init__(
+            directory,
+            config_lines=[
+                f"tls-port {self.tls_port}",
+                f"tls-cert-file {certs.server_cert}",
+                f"tls-key-file {certs.server_key}",
+                f"tls-ca-cert-file {certs.ca}",
+                f"tls-auth-clients {'yes' if client_certs else 'no'}",
+            ],
+        )
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://127.0.0.1:{self.tls_port}/0"
+
+
+# Sentinel: one primary, replicas, three sentinels watching it.
+
+
+class SentinelSet:
+    """A primary, ``replicas`` replicas and three sentinels for ``service``.
+
+    The sentinels judge a silent primary down after ``down_after`` ms, so a
+    killed primary is replaced within a few seconds.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        replicas: int = 1,
+        service: str = "jobs",
+        down_after: int = 800,
+        sentinel_password: str | None = None,
+    ) -> None:
+        self.directory = directory
+        self.service = service
+        self.primary = RedisServer(directory / "primary",
+                                   config_lines=["repl-diskless-sync no"])
+        self.replicas = [
+            RedisServer(
+                directory / f"replica{n}",
+                config_lines=[f"replicaof 127.0.0.1 {self.primary.port}",
+                              "replica-serve-stale-data yes"],
+            )
+            for n in range(replicas)
+        ]
+        auth = [f"requirepass {sentinel_password}"] if sentinel_password else []
+        self.sentinels = [
+            RedisServer(
+                directory / f"sentinel{n}",
+                args=["--sentinel"],
+                config_lines=[
+                    f"sentinel monitor {service} 127.0.0.1 {self.primary.port} 2",
+                    f"sentinel down-after-milliseconds {service} {down_after}",
+                    f"sentinel failover-timeout {service} 4000",
+                    f"sentinel parallel-syncs {service} 1",
+                    *auth,
+                ],
+            )
+            for n in range(3)
+        ]
+        self.sentinel_password = sentinel_password
+
+    @property
+    def data_servers(self) -> list[RedisServer]:
+        return [self.primary, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def sentinel_client(self, index: int = 0) -> redis.Redis:
+        return self.sentinels[index].client(password=self.sentinel_password,
+                                            decode_responses=True)
+
+    def start(self) -> SentinelSet:
+        self.primary.start()
+        for replica in self.replicas:
+            replica.start()
+        for sentinel in self.sentinels:
+            sentinel.directory.mkdir(parents=True, exist_ok=True)
+            sentinel.start_sentinel(self.sentinel_password)
+        self.wait_settled()
+        return self
+
+    def current_primary(self) -> RedisServer:
+        """The data server the sentinels name as primary now."""
+        _, port = self.sentinel_client().execute_command(
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
+        )
+        return next(s for s in self.data_servers if s.port == int(port))
+
+    def wait_settled(self, timeout: float = 20.0) -> None:
+        """Until every sentinel knows the two others and every live replica,
+        and the primary they name has its replicas in sync."""
+
+        def settled() -> bool:
+            live = [s for s in self.data_servers if _alive(s)]
+            for index in range(len(self.sentinels)):
+                client = self.sentinel_client(index)
+                others = client.execute_command("SENTINEL", "SENTINELS", self.service)
+                known = client.execute_command("SENTINEL", "REPLICAS", self.service)
+                up = [r for r in known if "s_down" not in r["flags"]
+                      and "disconnected" not in r["flags"]]
+                if len(others) < 2 or len(up) < len(live) - 1:
+                    return False
+            primary = self.current_primary().client(decode_responses=True)
+            info = primary.info("replication")
+            return (info["role"] == "master"
+                    and int(info["connected_slaves"]) >= len(live) - 1)
+
+        wait_until(settled, timeout, "the sentinels to settle")
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, *self.data_servers]:
+            server.kill()
+
+    def __enter__(self) -> SentinelSet:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _start_sentinel(self: RedisServer, password: str | None = None) -> RedisServer:
+    """Start a sentinel; it answers PING only with the password, if it has one."""
+    self.process = subprocess.Popen(
+        self.command_line(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def answers() -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"sentinel exited at start, see {self.directory}")
+        with self.client(socket_timeout=0.5, password=password) as client:
+            return bool(client.ping())
+
+    wait_until(answers, 10, f"sentinel on {self.port}")
+    return self
+
+
+RedisServer.start_sentinel = _start_sentinel  # type: ignore[attr-defined]
+
+
+# Cluster: three primaries, three replicas, made with CLUSTER commands.
+
+
+class Cluster:
+    """A Redis Cluster of ``shards`` primaries, each with one replica."""
+
+    def __init__(self, directory: Path, *, shards: int = 3,
+                 node_timeout: int = 1000) -> None:
+        lines = [
+            "cluster-enabled yes",
+            "cluster-config-file nodes.conf",
+            f"cluster-node-timeout {node_timeout}",
+            "cluster-replica-validity-factor 0",
+        ]
+        # The bus port defaults to port + 10000, out of range for the high
+        # ports free_port() finds, so each node gets one of its own.
+        self.bus_ports: dict[int, int] = {}
+        self.primaries = [self._node(directory / f"primary{n}", lines)
+                          for n in range(shards)]
+        self.replicas = [self._node(directory / f"replica{n}", lines)
+                         for n in range(shards)]
+
+    def _node(self, directory: Path, lines: list[str]) -> RedisServer:
+        bus = free_port()
+        node = RedisServer(directory, config_lines=[*lines, f"cluster-port {bus}"])
+        self.bus_ports[node.port] = bus
+        return node
+
+    @property
+    def nodes(self) -> list[RedisServer]:
+        return [*self.primaries, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.primaries[:2])
+        return f"redis+cluster://{hosts}"
+
+    def start(self) -> Cluster:
+        for node in self.nodes:
+            node.start()
+        per_shard = 16384 // len(self.primaries)
+        for index, primary in enumerate(self.primaries):
+            client = primary.client()
+            client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+            last = (index + 1) * per_shard - 1
+            if index == len(self.primaries) - 1:
+                last = 16383
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", index * per_shard, last)
+        first = self.primaries[0].client()
+        for node in self.nodes[1:]:
+            first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port,
+                                  self.bus_ports[node.port])
+        wait_until(
+            lambda: all(len(n.client().execute_command("CLUSTER", "NODES")
+                            .decode().splitlines()) == len(self.nodes)
+                        for n in self.nodes),
+            20, "every cluster node to know every other",
+        )
+        for primary, replica in zip(self.primaries, self.replicas, strict=True):
+            node_id = primary.client().execute_command("CLUSTER", "MYID").decode()
+            replica.client().execute_command("CLUSTER", "REPLICATE", node_id)
+        self.wait_healthy()
+        return self
+
+    def primary_for(self, key: str) -> RedisServer:
+        """The node that serves ``key``'s slot now."""
+        client = next(n for n in self.nodes if _alive(n)).client()
+        slot = client.execute_command("CLUSTER", "KEYSLOT", key)
+        for line in client.execute_command("CLUSTER", "NODES").decode().splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for part in fields[8:]:
+                low, _, high = part.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no primary serves slot {slot}")
+
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        node_id = primary.client().execute_command("CLUSTER", "MYID").decode()
+        for node in self.nodes:
+            if node is primary or not _alive(node):
+                continue
+            info = node.client().execute_command("CLUSTER", "NODES").decode()
+            mine = next(line for line in info.splitlines() if "myself" in line)
+            if mine.split()[3] == node_id:
+                return node
+        raise RuntimeError(f"no replica of {primary.port}")
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until every live node says the cluster is ok and each primary has a
+        replica in sync."""
+
+        def healthy() -> bool:
+            live = [n for n in self.nodes if _alive(n)]
+            for node in live:
+                info = node.client().execute_command("CLUSTER", "INFO").decode()
+                if "cluster_state:ok" not in info:
+                    return False
+            for node in live:
+                role = node.client(decode_responses=True).info("replication")
+                if role["role"] == "slave" and role.get("master_link_status") != "up":
+                    return False
+            return True
+
+        wait_until(healthy, timeout, "the cluster to become healthy")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
