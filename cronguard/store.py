@@ -38,6 +38,12 @@ from .keys import redis_key
 
 log = logging.getLogger(__name__)
 
+def _has_module(name: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(name) is not None
+
+
 DEFAULT_URL = "redis://localhost:6379/0"
 SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEME = "redis+sentinel"
@@ -49,6 +55,15 @@ ALL_SCHEMES = (*SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)
 # cron slot at most about three times --redis-timeout.
 RETRIES = 2
 _BACKOFF = ExponentialBackoff(cap=0.4, base=0.1)
+
+# No CLIENT SETINFO in the handshake: every firing on every host opens a fresh
+# connection, and each command there is one more round trip.  redis-py 7.1 and
+# later take driver_info=None; earlier versions take lib_name/lib_version.
+QUIET_HANDSHAKE: dict[str, Any] = (
+    {"driver_info": None}
+    if hasattr(redis, "DriverInfo") or _has_module("redis.driver_info")
+    else {"lib_name": None, "lib_version": None}
+)
 
 
 def redact(url: str) -> str:
@@ -233,10 +248,7 @@ class Store:
             "socket_timeout": settings.timeout,
             "socket_connect_timeout": settings.timeout,
             "retry_on_error": [redis.exceptions.BusyLoadingError],
-            # No CLIENT SETINFO in the handshake: every firing on every host
-            # opens a fresh connection, and each command there is a round trip.
-            "lib_name": None,
-            "lib_version": None,
+            **QUIET_HANDSHAKE,
         }
         if settings.tls_ca:
             options["ssl_ca_certs"] = settings.tls_ca
@@ -375,8 +387,7 @@ class SentinelStore(Store):
         options = self._connection_options()
         sentinel_options = {
             key: options[key]
-            for key in ("socket_timeout", "socket_connect_timeout", "lib_name",
-                        "lib_version")
+            for key in ("socket_timeout", "socket_connect_timeout", *QUIET_HANDSHAKE)
         }
         if self.settings.sentinel_password:
             sentinel_options["password"] = self.settings.sentinel_password
