@@ -330,10 +330,19 @@ class Store:
                 "at the primary, or use redis+sentinel://"
             )
         elif isinstance(exc, redis.sentinel.MasterNotFoundError):
-            text = (
-                f"{where}: no Sentinel names a reachable primary ({exc}); check "
-                "the sentinels and the service name in --redis (CRONGUARD_REDIS)"
-            )
+            # redis-py's message lists every sentinel client's repr: too long
+            # for one line, so only its verdict is kept.
+            if "AuthenticationError" in str(exc) or "NOAUTH" in str(exc):
+                text = (
+                    f"{where}: the sentinels refused the password; give theirs "
+                    "by CRONGUARD_SENTINEL_PASSWORD or --sentinel-password-file"
+                )
+            else:
+                text = (
+                    f"{where}: no sentinel answered with a primary for the "
+                    "service; check that the sentinels run and that the service "
+                    "name in --redis (CRONGUARD_REDIS) is theirs"
+                )
         elif isinstance(exc, (redis.exceptions.ClusterDownError,
                               redis.exceptions.RedisClusterException)):
             text = (
@@ -389,6 +398,9 @@ class SentinelStore(Store):
             key: options[key]
             for key in ("socket_timeout", "socket_connect_timeout", *QUIET_HANDSHAKE)
         }
+        # No retries per sentinel: asking the next sentinel is the retry, and
+        # redis-py's default would retry even a refused password with backoff.
+        sentinel_options["retry"] = Retry(_BACKOFF, 0)
         if self.settings.sentinel_password:
             sentinel_options["password"] = self.settings.sentinel_password
         sentinel = Sentinel(  # type: ignore[no-untyped-call]

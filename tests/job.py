@@ -9,6 +9,7 @@ Its arguments are steps, done in order::
     job.py ignore-term        ignore SIGTERM
     job.py spawn FILE         fork a grandchild that sleeps; write its pid
     job.py sleep SECONDS
+    job.py await FILE         wait (up to 60 s) until the test creates FILE
     job.py finish FILE        append "end PID END_NS" to FILE
     job.py exit STATUS        exit with STATUS (default 0)
 """
@@ -60,6 +61,10 @@ def main(steps: list[str]) -> int:
             until = time.monotonic() + float(steps.pop(0))
             while (left := until - time.monotonic()) > 0:
                 time.sleep(left)
+        elif step == "await":
+            path, until = steps.pop(0), time.monotonic() + 60
+            while not os.path.exists(path) and time.monotonic() < until:
+                time.sleep(0.01)
         elif step == "exit":
             return int(steps.pop(0)) if steps else 0
         else:

@@ -1,0 +1,421 @@
+"""Stores other than one plain server: TLS, Sentinel, Cluster, ACL users,
+--min-replicas.  Each topology is real, started once per module."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Cronguard, wait_for
+from servers import Certificates, Cluster, RedisServer, SentinelSet, TlsServer
+
+SENTINEL_SECRET = "sentinel-secret"
+DATA_SECRET = "data-secret"
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def lease_key(key: str) -> str:
+    return f"cronguard:{{{key}}}:lease"
+
+
+# Bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--redis", "redis://127.0.0.1:1/0", "--redis", "redis://127.0.0.1:2/0"],
+            "quorum mode needs three or more independent servers",
+        ),
+        (["--redis", "redis+sentinel://127.0.0.1:26379"], "names no service"),
+        (["--redis", "redis+sentinel://h:x/jobs"], "is not HOST:PORT"),
+        (["--redis", "redis+cluster://127.0.0.1:7000/3"], "database 0 only"),
+        (
+            ["--redis", "redis://127.0.0.1:1/0", "--tls-ca", os.devnull],
+            "apply to rediss:// URLs only",
+        ),
+        (
+            ["--redis", "rediss://127.0.0.1:1/0", "--tls-cert", os.devnull],
+            "give both --tls-cert (CRONGUARD_TLS_CERT) and --tls-key",
+        ),
+        (
+            ["--redis", "rediss://127.0.0.1:1/0", "--tls-ca", "/nonexistent/ca.pem"],
+            "--tls-ca (CRONGUARD_TLS_CA): cannot read /nonexistent/ca.pem",
+        ),
+        (
+            ["--min-replicas", "1", *[f"--redis=redis://127.0.0.1:{p}/0"
+                                      for p in (1, 2, 3)]],
+            "does not apply to quorum mode",
+        ),
+        (["--min-replicas", "-1"], "--min-replicas (CRONGUARD_MIN_REPLICAS): -1"),
+        (
+            ["--redis", "redis://127.0.0.1:1/0 redis+cluster://127.0.0.1:2 "
+             "redis://127.0.0.1:3/0"],
+            "give each as redis://, rediss:// or unix://",
+        ),
+    ],
+)
+def test_bad_store_settings_exit_2_with_the_fix(
+    cronguard: Cronguard, args: list[str], message: str
+) -> None:
+    result = cronguard(*args, "--", "true")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("cronguard: error: ")
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+# TLS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return Certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def tls_server(
+    tmp_path_factory: pytest.TempPathFactory, certs: Certificates
+) -> Iterator[TlsServer]:
+    server = TlsServer(tmp_path_factory.mktemp("tls"), certs, client_certs=True)
+    with server:
+        yield server
+
+
+def test_tls_with_ca_and_client_certificate(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    tls_server: TlsServer, certs: Certificates,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard(
+        "--key", key, "--tls-ca", str(certs.ca), "--tls-cert", str(certs.client_cert),
+        "--tls-key", str(certs.client_key), "--", *job, "record", str(runs),
+        CRONGUARD_REDIS=tls_server.tls_url,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert len(lines(runs)) == 1
+    assert tls_server.client().exists(lease_key(key))
+
+
+def test_tls_options_come_from_the_environment_too(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    tls_server: TlsServer, certs: Certificates,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard(
+        "--key", key, "--", *job, "record", str(runs),
+        CRONGUARD_REDIS=tls_server.tls_url, CRONGUARD_TLS_CA=str(certs.ca),
+        CRONGUARD_TLS_CERT=str(certs.client_cert),
+        CRONGUARD_TLS_KEY=str(certs.client_key),
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert len(lines(runs)) == 1
+
+
+@pytest.mark.parametrize("ca", ["system", "other"])
+def test_tls_refuses_a_server_whose_certificate_it_cannot_verify(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    tls_server: TlsServer, certs: Certificates, ca: str,
+) -> None:
+    runs = tmp_path / "runs"
+    given = [] if ca == "system" else ["--tls-ca", str(certs.other_ca)]
+    result = cronguard(
+        "--key", key, *given, "--tls-cert", str(certs.client_cert),
+        "--tls-key", str(certs.client_key), "--", *job, "record", str(runs),
+        CRONGUARD_REDIS=tls_server.tls_url,
+    )
+    assert result.returncode == 75
+    assert "certificate verify failed" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not runs.exists()
+
+
+def test_tls_without_the_client_certificate_the_server_asks_for(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    tls_server: TlsServer, certs: Certificates,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--tls-ca", str(certs.ca), "--", *job, "record",
+                       str(runs), CRONGUARD_REDIS=tls_server.tls_url)
+    assert result.returncode == 75, result.stderr
+    assert not runs.exists()
+
+
+# Sentinel
+
+
+@pytest.fixture(scope="module")
+def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    topology = SentinelSet(tmp_path_factory.mktemp("sentinel"), replicas=1,
+                           sentinel_password=SENTINEL_SECRET)
+    with topology:
+        yield topology
+
+
+def test_sentinel_finds_the_primary_and_runs_once(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    runs = tmp_path / "runs"
+    results = [
+        cronguard("--key", key, "--ttl", "20", "--", *job, "record", str(runs),
+                  CRONGUARD_REDIS=sentinels.url,
+                  CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+        for _ in range(2)
+    ]
+    assert [(r.returncode, r.stderr) for r in results] == [(0, "")] * 2
+    assert len(lines(runs)) == 1
+    assert sentinels.current_primary().client().exists(lease_key(key))
+
+
+def test_sentinel_password_from_a_file(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    secret = tmp_path / "sentinel-password"
+    secret.write_text(SENTINEL_SECRET + "\n")
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--sentinel-password-file", str(secret), "--",
+                       *job, "record", str(runs), CRONGUARD_REDIS=sentinels.url)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert len(lines(runs)) == 1
+
+
+def test_sentinel_without_its_password_exits_75_naming_the_fix(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=sentinels.url)
+    assert result.returncode == 75
+    assert "CRONGUARD_SENTINEL_PASSWORD" in result.stderr, result.stderr
+    assert SENTINEL_SECRET not in result.stderr
+    assert not runs.exists()
+
+
+def test_sentinel_secret_does_not_reach_the_command(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    seen = tmp_path / "env.json"
+    result = cronguard("--key", key, "--", *job, "env", str(seen),
+                       CRONGUARD_REDIS=sentinels.url,
+                       CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+    assert result.returncode == 0, result.stderr
+    assert SENTINEL_SECRET not in seen.read_text()
+
+
+def test_a_replica_never_grants_a_lease(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    replica = next(s for s in sentinels.data_servers
+                   if s is not sentinels.current_primary())
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=replica.url)
+    assert result.returncode == 75
+    assert "read-only replica" in result.stderr and "redis+sentinel://" in result.stderr
+    assert not runs.exists()
+
+
+def test_min_replicas_met(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--min-replicas", "1", "--", *job, "record",
+                       str(runs), CRONGUARD_REDIS=sentinels.url,
+                       CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert len(lines(runs)) == 1
+    replica = next(s for s in sentinels.data_servers
+                   if s is not sentinels.current_primary())
+    assert replica.client().exists(lease_key(key))
+
+
+def test_min_replicas_the_topology_cannot_give_releases_and_exits_75(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--min-replicas", "2", "--redis-timeout", "300ms",
+                       "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=sentinels.url,
+                       CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+    assert result.returncode == 75
+    assert result.stderr.count("\n") == 1
+    assert "only 1 connected replica" in result.stderr, result.stderr
+    assert "--min-replicas (CRONGUARD_MIN_REPLICAS)" in result.stderr
+    assert not runs.exists()
+    # Given back at once: the next host is not kept out for a TTL.
+    assert not sentinels.current_primary().client().exists(lease_key(key))
+
+
+# Cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("cluster")) as topology:
+        yield topology
+
+
+def test_cluster_runs_once_and_keeps_a_jobs_keys_in_one_slot(
+    cronguard: Cronguard, job: list[str], tmp_path: Path, cluster: Cluster,
+) -> None:
+    runs = tmp_path / "runs"
+    # Several keys, so that they land on different shards.
+    keys = [f"cluster-job-{n}" for n in range(6)]
+    for key in keys:
+        for _ in range(2):
+            result = cronguard("--key", key, "--ttl", "20", "--", *job, "record",
+                               str(runs), CRONGUARD_REDIS=cluster.url)
+            assert (result.returncode, result.stderr) == (0, "")
+    assert len(lines(runs)) == len(keys)
+    shards = set()
+    for key in keys:
+        node = cluster.primary_for(lease_key(key)).client()
+        shards.add(node.execute_command("CLUSTER", "MYID"))
+        for kind in ("lease", "fence", "runs"):
+            assert node.exists(f"cronguard:{{{key}}}:{kind}"), (key, kind)
+    assert len(shards) > 1, "every key landed on one shard; the test proves little"
+
+
+def test_cluster_renews_while_a_long_job_runs(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path, cluster: Cluster,
+) -> None:
+    runs, past_ttl, done = tmp_path / "runs", tmp_path / "past-ttl", tmp_path / "done"
+    first = cronguard.start("--key", key, "--ttl", "600ms", "--release", "--",
+                            *job, "record", str(runs), "sleep", "1.2",
+                            "ready", str(past_ttl), "await", str(done),
+                            CRONGUARD_REDIS=cluster.url)
+    wait_for(past_ttl.exists, what="the job to run past one TTL")
+    second = cronguard("--key", key, "--skip-exit", "3", "--", *job, "record",
+                       str(runs), CRONGUARD_REDIS=cluster.url)
+    done.touch()
+    assert second.returncode == 3, second.stderr
+    assert first.wait(30) == 0
+    assert len(lines(runs)) == 1
+
+
+def test_cluster_min_replicas(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path, cluster: Cluster,
+) -> None:
+    runs = tmp_path / "runs"
+    met = cronguard("--key", key, "--min-replicas", "1", "--release", "--", *job,
+                    "record", str(runs), CRONGUARD_REDIS=cluster.url)
+    assert (met.returncode, met.stderr) == (0, "")
+    unmet = cronguard("--key", key, "--min-replicas", "2", "--redis-timeout", "300ms",
+                      "--", *job, "record", str(runs), CRONGUARD_REDIS=cluster.url)
+    assert unmet.returncode == 75 and "only 1 connected replica" in unmet.stderr
+    assert len(lines(runs)) == 1
+
+
+def test_cluster_unreachable_exits_75(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+) -> None:
+    from servers import free_port
+
+    result = cronguard("--key", key, "--redis-timeout", "200ms", "--", *job,
+                       CRONGUARD_REDIS=f"redis+cluster://127.0.0.1:{free_port()}")
+    assert result.returncode == 75, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# ACL: the commands cronguard needs, and no more.
+
+# The line README.md and cronguard(1) give, with the password filled in.
+ACL_LINE = (
+    "user cronguard on >{password} ~cronguard:* resetchannels -@all "
+    "+eval +evalsha +ping +wait +info +select "
+    "+get +set +pexpire +del +incr +time +pttl +xadd +hincrby "
+    "+scan +type +mget +exists +xrange +xrevrange +hgetall"
+)
+
+
+@pytest.fixture(scope="module")
+def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(
+        tmp_path_factory.mktemp("acl"),
+        config_lines=[
+            ACL_LINE.format(password=DATA_SECRET),
+            # Can run scripts, but not record their events.
+            "user recordless on >other ~cronguard:* -@all +eval +get +set +pexpire "
+            "+del +incr +time +pttl +ping",
+            "user scriptless on >other ~cronguard:* +@all -eval -evalsha",
+        ],
+    )
+    with server:
+        yield server
+
+
+def test_acl_line_matches_the_readme() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert ACL_LINE.format(password="PASSWORD") in readme.replace("\n", " ")
+
+
+@pytest.mark.parametrize("mode", ["hold", "release", "renew"])
+def test_core_runs_as_the_restricted_user(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    acl_server: RedisServer, mode: str,
+) -> None:
+    runs = tmp_path / "runs"
+    url = f"redis://cronguard@127.0.0.1:{acl_server.port}/0"
+    options = {"hold": ["--ttl", "20"], "release": ["--release"],
+               "renew": ["--ttl", "300ms", "--release"]}[mode]
+    steps = ["sleep", "1"] if mode == "renew" else []
+    first = cronguard("--key", key, *options, "--", *job, "record", str(runs),
+                      *steps, CRONGUARD_REDIS=url,
+                      CRONGUARD_REDIS_PASSWORD=DATA_SECRET)
+    assert (first.returncode, first.stderr) == (0, "")
+    second = cronguard("--key", key, *options, "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=url, CRONGUARD_REDIS_PASSWORD=DATA_SECRET)
+    assert (second.returncode, second.stderr) == (0, "")
+    assert len(lines(runs)) == (1 if mode == "hold" else 2)
+    admin = acl_server.client()
+    assert admin.xlen(f"cronguard:{{{key}}}:runs") >= 2
+    assert admin.exists(lease_key(key)) == (mode == "hold")
+
+
+def test_a_user_without_eval_gets_exit_75_and_the_grant_to_add(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    acl_server: RedisServer,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=f"redis://scriptless@127.0.0.1:{acl_server.port}/0",
+                       CRONGUARD_REDIS_PASSWORD="other")
+    assert result.returncode == 75
+    assert "may not do this" in result.stderr and "SECURITY" in result.stderr
+    assert not runs.exists()
+
+
+def test_a_user_who_cannot_record_still_runs_and_warns(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    acl_server: RedisServer,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=f"redis://recordless@127.0.0.1:{acl_server.port}/0",
+                       CRONGUARD_REDIS_PASSWORD="other")
+    assert result.returncode == 0
+    assert "could not record" in result.stderr
+    assert len(lines(runs)) == 1
+
+
+def test_wrong_password_is_not_printed(
+    cronguard: Cronguard, job: list[str], key: str, acl_server: RedisServer,
+) -> None:
+    result = cronguard("--key", key, "--", *job,
+                       CRONGUARD_REDIS=f"redis://cronguard:wrong-one@127.0.0.1:"
+                       f"{acl_server.port}/0")
+    assert result.returncode == 75
+    assert "authentication failed" in result.stderr
+    assert "wrong-one" not in result.stderr
