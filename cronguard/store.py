@@ -376,7 +376,39 @@ class SentinelStore(Store):
     The URL's password is the data servers' password.  Sentinels often have
     one of their own (``requirepass`` in sentinel.conf): it comes from
     ``CRONGUARD_SENTINEL_PASSWORD`` or ``--sentinel-password-file``.
+
+    WARNING: after a forced failover the old primary goes on accepting writes
+    until the sentinels demote it, seconds later.  A holder whose connection
+    stays open to it would renew there while its lease ages out on the new
+    primary, and another host would win it::
+
+        holder   |--renew on old--|--renew on old--|        (believes it holds)
+        new      |--lease copy, TTL running down--|  other host acquires
+
+    So every request after the first asks a sentinel where the primary is
+    (one round trip to a sentinel, paid by renewals and the release, not by
+    the acquisition of a fresh process, which has just asked) and drops the
+    connection when the answer has changed.
     """
+
+    _asked = False
+
+    def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if self._asked:
+            self._follow_primary()
+        self._asked = True
+        return super().eval(script, keys, args)
+
+    def _follow_primary(self) -> None:
+        pool: Any = self.client.connection_pool  # a SentinelConnectionPool
+        try:
+            # Disconnects idle connections when the primary has moved.
+            pool.get_master_address()
+        except redis.RedisError as exc:
+            # The primary may well be fine; if it was demoted meanwhile, it
+            # refuses writes with READONLY and the request fails safely.
+            log.debug("%s: no sentinel answered (%s); using the last primary",
+                      self.description, exc)
 
     def _connect(self) -> redis.Redis:
         from redis.sentinel import Sentinel
