@@ -245,7 +245,7 @@ def test_min_replicas_the_topology_cannot_give_releases_and_exits_75(
     sentinels: SentinelSet,
 ) -> None:
     runs = tmp_path / "runs"
-    result = cronguard("--key", key, "--min-replicas", "2", "--redis-timeout", "300ms",
+    result = cronguard("--key", key, "--min-replicas", "2", "--redis-timeout", "1s",
                        "--", *job, "record", str(runs),
                        CRONGUARD_REDIS=sentinels.url,
                        CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
@@ -312,7 +312,7 @@ def test_cluster_min_replicas(
     met = cronguard("--key", key, "--min-replicas", "1", "--release", "--", *job,
                     "record", str(runs), CRONGUARD_REDIS=cluster.url)
     assert (met.returncode, met.stderr) == (0, "")
-    unmet = cronguard("--key", key, "--min-replicas", "2", "--redis-timeout", "300ms",
+    unmet = cronguard("--key", key, "--min-replicas", "2", "--redis-timeout", "1s",
                       "--", *job, "record", str(runs), CRONGUARD_REDIS=cluster.url)
     assert unmet.returncode == 75 and "only 1 connected replica" in unmet.stderr
     assert len(lines(runs)) == 1
@@ -369,8 +369,8 @@ def test_core_runs_as_the_restricted_user(
     runs = tmp_path / "runs"
     url = f"redis://cronguard@127.0.0.1:{acl_server.port}/0"
     options = {"hold": ["--ttl", "20"], "release": ["--release"],
-               "renew": ["--ttl", "300ms", "--release"]}[mode]
-    steps = ["sleep", "1"] if mode == "renew" else []
+               "renew": ["--ttl", "1s", "--release"]}[mode]
+    steps = ["sleep", "2"] if mode == "renew" else []
     first = cronguard("--key", key, *options, "--", *job, "record", str(runs),
                       *steps, CRONGUARD_REDIS=url,
                       CRONGUARD_REDIS_PASSWORD=DATA_SECRET)
