@@ -286,3 +286,22 @@ def test_wait_retries_a_vote_until_the_holder_releases(
     assert first.wait(20) == 0
     assert second.wait(30) == 0
     assert len(lines(runs)) == 2
+
+
+@pytest.mark.parametrize("source", ["environment", "file"])
+def test_quorum_from_the_environment_or_the_file(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    nodes: list[RedisServer], source: str,
+) -> None:
+    runs = tmp_path / "runs"
+    urls = [n.url for n in nodes]
+    if source == "environment":
+        extra = {"CRONGUARD_REDIS": " ".join(urls)}
+    else:
+        config = tmp_path / "cronguard.toml"
+        config.write_text(f"redis = {json.dumps(urls)}\n")
+        extra = {"CRONGUARD_CONFIG": str(config), "CRONGUARD_REDIS": ""}
+    result = cronguard("--key", key, "--", *job, "record", str(runs), **extra)
+    assert (result.returncode, result.stderr) == (0, "")
+    tokens = values(nodes, key)
+    assert len(set(tokens)) == 1 and None not in tokens, "held on all three nodes"

@@ -419,3 +419,14 @@ def test_wrong_password_is_not_printed(
     assert result.returncode == 75
     assert "authentication failed" in result.stderr
     assert "wrong-one" not in result.stderr
+
+
+def test_the_man_page_and_readme_name_every_store_option() -> None:
+    root = Path(__file__).parents[1]
+    man = (root / "man" / "cronguard.1").read_text().replace("\\-", "-")
+    readme = (root / "README.md").read_text()
+    for option in ("--sentinel-password-file", "--tls-ca", "--tls-cert", "--tls-key",
+                   "--min-replicas", "redis+sentinel://", "redis+cluster://",
+                   "CRONGUARD_SENTINEL_PASSWORD"):
+        assert option in man, option
+        assert option in readme, option
