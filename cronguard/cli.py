@@ -5,8 +5,8 @@ the first word is not a subcommand, ``run`` is implied, so every crontab line
 keeps its natural form.  A word after ``--`` is always the command.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations" here: typer reads these signatures
+# on every run, and string annotations would cost a round of eval() each time.
 import logging
 import os
 import sys
@@ -30,13 +30,26 @@ log = logging.getLogger("cronguard")
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in cronguard
 
 
+_GROUP_OPTIONS = (
+    "--help",
+    "-h",
+    "--version",
+    "--install-completion",
+    "--show-completion",
+)
+
+
+def _names_group(word: str) -> bool:
+    """Is ``word`` a subcommand or an option of the group, not of ``run``?"""
+    names = {info.name for info in app.registered_commands}
+    return word in names or word in _GROUP_OPTIONS
+
+
 class _ImpliedRun(TyperGroup):
     """A group whose default subcommand is ``run``."""
 
-    _OWN = ("--help", "-h", "--version", "--install-completion", "--show-completion")
-
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in self._OWN:
+        if args and not _names_group(args[0]):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
@@ -136,18 +149,6 @@ LogFormat = Annotated[
 Debug = Annotated[bool, _option("--debug", help="Show tracebacks of errors.")]
 
 
-@app.command(
-    "run",
-    context_settings={"allow_interspersed_args": False},
-    help=(
-        "Run COMMAND if this host wins the lease; exit quietly if another "
-        "host holds it.\n\n"
-        "The lease is held for at least --ttl from acquisition, so hosts whose "
-        "cron fires a little later in the same window find it taken; it is "
-        "renewed while COMMAND runs.  COMMAND is executed directly, without a "
-        "shell."
-    ),
-)
 def run_command(
     ctx: typer.Context,
     command: Annotated[
@@ -259,6 +260,30 @@ def run_command(
     return EXIT_INTERNAL  # not reached: _reported exits
 
 
+_RUN_HELP = (
+    "Run COMMAND if this host wins the lease; exit quietly if another "
+    "host holds it.\n\n"
+    "The lease is held for at least --ttl from acquisition, so hosts whose "
+    "cron fires a little later in the same window find it taken; it is "
+    "renewed while COMMAND runs.  COMMAND is executed directly, without a "
+    "shell."
+)
+_RUN_CONTEXT = {"allow_interspersed_args": False}
+
+app.command("run", context_settings=_RUN_CONTEXT, help=_RUN_HELP)(run_command)
+
+# The run command alone, for the hot path: building the whole group would
+# inspect every subcommand's signature on every cron firing of every host.
+_run_app = typer.Typer(
+    name="cronguard",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+_run_app.command(context_settings=_RUN_CONTEXT, help=_RUN_HELP)(run_command)
+
+
 def _values(ctx: click.Context) -> dict[str, Any]:
     """Option values by long name, with the config file filling the defaults."""
     values = {
@@ -317,9 +342,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``cronguard`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
     logsetup.configure()
-    command = typer.main.get_command(app)
+    prog_name = "cronguard run"
+    if args and args[0] == "run":
+        args = args[1:]
+        command = typer.main.get_command(_run_app)
+    elif args and not _names_group(args[0]):
+        command = typer.main.get_command(_run_app)
+    else:
+        command = typer.main.get_command(app)
+        prog_name = "cronguard"
     try:
-        status = command.main(args=args, prog_name="cronguard", standalone_mode=False)
+        status = command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.ClickException as exc:
         context = getattr(exc, "ctx", None)
         hint = f"; see '{context.command_path} --help'" if context else ""
