@@ -249,7 +249,10 @@ class Doctor:
         try:
             return _text(_command(self.client, "ACL", "WHOAMI"))
         except redis.RedisError:
-            return None
+            # Not allowed to ask: the user the URL names, else the default one.
+            from urllib.parse import urlsplit
+
+            return urlsplit(self.store.settings.url).username or "default"
 
     def _dryrun(self, user: str, command: tuple[str, ...]) -> str | None:
         try:

@@ -71,7 +71,16 @@ def add_syslog(address: str = SYSLOG_SOCKET, verbosity: int = 0) -> None:
     """
     import logging.handlers
     import os
+    import socket
 
+    # SysLogHandler only reports a missing socket when a record is sent, as a
+    # traceback on stderr; connecting first turns it into one clear error.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
+                stream.connect(address)
     handler = logging.handlers.SysLogHandler(
         address=address, facility=logging.handlers.SysLogHandler.LOG_CRON
     )
