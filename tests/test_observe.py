@@ -9,27 +9,15 @@ import re
 import signal
 import socket
 import subprocess
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import Cronguard, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import Cronguard
 from servers import RedisServer
 
 CHECK_LINE = re.compile(r"^CRONGUARD (OK|WARNING|CRITICAL|UNKNOWN) - \S.*$")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Poll ``condition`` until it holds; fail the test at the deadline."""
-    until = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > until:
-            pytest.fail("timed out waiting for a condition")
-        time.sleep(0.02)
 
 
 def run_as(
@@ -438,3 +426,30 @@ def test_syslog_without_a_socket_fails_before_taking_the_lease(
     assert "--syslog-socket (CRONGUARD_SYSLOG_SOCKET)" in result.stderr
     with redis_server.client() as client:
         assert client.exists(f"cronguard:{{{key}}}:lease") == 0
+
+
+# Docs
+
+
+@pytest.mark.parametrize("name", ["status", "history", "timeline", "check",
+                                  "release", "doctor", "metrics", "run"])
+def test_every_option_has_help_an_env_var_and_docs(name: str) -> None:
+    import typer
+
+    from cronguard.cli import app
+
+    root = Path(__file__).parent.parent
+    man = (root / "man" / "cronguard.1").read_text().replace("\\-", "-")
+    readme = (root / "README.md").read_text()
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    if name != "run":
+        assert f"cronguard {name}" in man.replace("\\fB", "").replace("\\fP", "")
+        assert f"cronguard {name}" in readme and f"**{name}**" in readme
+    for param in command.params:
+        if param.param_type_name != "option" or param.name == "help":
+            continue
+        flag = max(param.opts, key=len)
+        assert param.help, f"{name} {flag} has no help"
+        assert param.envvar == "CRONGUARD_" + flag[2:].replace("-", "_").upper()
+        assert flag in man, f"{flag} is missing from man/cronguard.1"
+        assert f"`{flag}" in readme, f"{flag} is missing from README.md"
