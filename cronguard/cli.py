@@ -383,7 +383,9 @@ def _known_settings(ctx: click.Context) -> list[str]:
     """Config file keys: the long names of every subcommand's options, so one
     file serves ``run`` and ``status`` alike."""
     root = ctx.find_root().command
-    commands = getattr(root, "commands", {}).values() or [ctx.command]
+    if not hasattr(root, "commands"):  # the run command alone, on the hot path
+        root = typer.main.get_command(app)
+    commands = getattr(root, "commands", {}).values()
     return sorted({
         param.name.replace("_", "-")
         for command in [*commands, ctx.command]
