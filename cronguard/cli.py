@@ -44,6 +44,25 @@ class _ImpliedRun(TyperGroup):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
+    def shell_complete(
+        self, ctx: click.Context, incomplete: str
+    ) -> list[click.shell_completion.CompletionItem]:
+        """Offer run's options too at the first word, where ``run`` is implied.
+
+        Once a word is typed, parse_args above has already routed completion
+        to ``run``; only the first word is completed against the group.
+        """
+        items = super().shell_complete(ctx, incomplete)
+        run = self.commands.get("run")
+        if run is not None and incomplete.startswith("-"):
+            seen = {item.value for item in items}
+            items += [
+                item
+                for item in run.shell_complete(ctx, incomplete)
+                if item.value not in seen
+            ]
+        return items
+
 
 app = typer.Typer(
     cls=_ImpliedRun,
@@ -328,6 +347,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         hint = f"; see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else ""
         log.error("%s%s", exc.format_message().replace("\n", " "), hint)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:  # Ctrl-C at a prompt; typer's own class in every version
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)
