@@ -248,6 +248,7 @@ class Store:
             "socket_timeout": settings.timeout,
             "socket_connect_timeout": settings.timeout,
             "retry_on_error": [redis.exceptions.BusyLoadingError],
+            "protocol": 2,  # RESP3 would cost a HELLO round trip per connection
             **QUIET_HANDSHAKE,
         }
         if settings.tls_ca:
@@ -428,7 +429,8 @@ class SentinelStore(Store):
         options = self._connection_options()
         sentinel_options = {
             key: options[key]
-            for key in ("socket_timeout", "socket_connect_timeout", *QUIET_HANDSHAKE)
+            for key in ("socket_timeout", "socket_connect_timeout", "protocol",
+                        *QUIET_HANDSHAKE)
         }
         # No retries per sentinel: asking the next sentinel is the retry, and
         # redis-py's default would retry even a refused password with backoff.

@@ -430,3 +430,25 @@ def test_the_man_page_and_readme_name_every_store_option() -> None:
                    "CRONGUARD_SENTINEL_PASSWORD"):
         assert option in man, option
         assert option in readme, option
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_status_and_release_reach_the_same_topologies(
+    cronguard: Cronguard, key: str, topology: str, request: pytest.FixtureRequest,
+) -> None:
+    if topology == "sentinel":
+        url = request.getfixturevalue("sentinels").url
+        extra = {"CRONGUARD_SENTINEL_PASSWORD": SENTINEL_SECRET}
+    else:
+        url = request.getfixturevalue("cluster").url
+        extra = {}
+    assert cronguard("--key", key, "--", "true", CRONGUARD_REDIS=url,
+                     **extra).returncode == 0
+    status = cronguard("status", key, "--json", CRONGUARD_REDIS=url, **extra)
+    assert status.returncode == 0, status.stderr
+    assert '"held"' in status.stdout
+    released = cronguard("release", key, CRONGUARD_REDIS=url, **extra)
+    assert released.returncode == 0, released.stderr
+    again = cronguard("--key", key, "--skip-exit", "3", "--", "true",
+                      CRONGUARD_REDIS=url, **extra)
+    assert again.returncode == 0
