@@ -207,6 +207,16 @@ def release(store: Store, key: str, *, fence: int | None) -> Released:
             STREAM_LENGTH,
             *fields,
         )
+    # A quorum's lease lives on every node: remove it from the others too.
+    # The first node's answer is the one reported.
+    for node in getattr(store, "nodes", [])[1:]:
+        try:
+            node.eval(scripts.FORCE_RELEASE,
+                      [store.key(key, "lease"), store.key(key, "runs")],
+                      ["" if fence is None else str(fence), STREAM_LENGTH, *fields])
+        except StoreError as exc:
+            log.warning("%s: %s kept the lease; it expires there: %s", key,
+                        node.description, exc)
     holder = Holder.parse(value, int(pttl)) if value else None
     if done and not recorded:
         log.warning("%s: released, but could not record it in %s", key,

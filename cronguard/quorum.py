@@ -86,9 +86,11 @@ class QuorumStore(Store):
         return len(self.nodes) // 2 + 1
 
     def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        # A single-server script's answer from one node, or from each node
+        # separately, could claim a lease that no majority granted.
         raise UsageError(
-            "this operation runs on one server and quorum mode has several; "
-            "use a QuorumLease, or give --redis once"
+            "quorum mode (--redis given three or more times) supports TTL-window "
+            "runs only, not this; give --redis (CRONGUARD_REDIS) once"
         )
 
     def eval_all(
@@ -259,9 +261,10 @@ class QuorumLease(Lease):
             )
         if not held:
             raise QuorumUnavailable(
-                f"{granted} of {count} quorum nodes granted the lease, but not "
-                f"within its validity ({format_duration(time.monotonic() - sent)} "
-                "spent); a node may be slow",
+                f"{granted} of {count} quorum nodes granted the lease, but a "
+                "majority did not confirm it within its validity "
+                f"({format_duration(time.monotonic() - sent)} spent); a node may "
+                "be slow",
                 self.store.description,
             )
         tokens = Counter(str(_text(r[1])).partition(" ")[0] for r in held)

@@ -305,3 +305,17 @@ def test_quorum_from_the_environment_or_the_file(
     assert (result.returncode, result.stderr) == (0, "")
     tokens = values(nodes, key)
     assert len(set(tokens)) == 1 and None not in tokens, "held on all three nodes"
+
+
+def test_release_removes_a_stuck_quorum_lease_from_every_node(
+    cronguard: Cronguard, key: str, nodes: list[RedisServer],
+) -> None:
+    urls = redis_args([n.url for n in nodes])
+    assert cronguard("--key", key, "--ttl", "1h", *urls, "--", "true").returncode == 0
+    assert None not in values(nodes, key)
+    config_urls = " ".join(n.url for n in nodes)
+    released = cronguard("release", key, CRONGUARD_REDIS=config_urls)
+    assert released.returncode == 0, released.stderr
+    assert values(nodes, key) == [None, None, None]
+    again = cronguard("--key", key, "--skip-exit", "3", *urls, "--", "true")
+    assert again.returncode == 0
