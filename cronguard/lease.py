@@ -181,7 +181,7 @@ class Lease:
         settings = self.store.settings
         wanted = settings.min_replicas
         try:
-            acked = self.store.acknowledged_replicas(self.lease_key)
+            acked = self.store.acknowledged_replicas(self.lease_key, self.token)
         except StoreError as exc:
             log.warning("%s: WAIT for replicas failed: %s", self.key, exc)
             acked = 0

@@ -168,3 +168,19 @@ local recorded = record(KEYS[2], ARGV[2], 3, {'fence', fence, 'holder', details}
 return {1, current, pttl, recorded}
 """
 )
+
+TOUCH = (
+    _PRELUDE
+    + """
+-- KEYS[1] lease
+-- ARGV[1] token
+-- A write that changes nothing: rewrites the lease's TTL as it stands, so that
+-- a WAIT sent after it on the same connection counts the replicas that have
+-- everything up to it, the lease included (replication is in order).
+-- Returns 1 when the caller holds the lease, 0 when it does not.
+if not owns(redis.call('GET', KEYS[1])) then return 0 end
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then redis.call('PEXPIRE', KEYS[1], left) end
+return 1
+"""
+)

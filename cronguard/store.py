@@ -17,8 +17,8 @@ One interface, several deployments, chosen by the URL's scheme in
 - ``--redis`` three or more times: independent primaries voting on each
   lease (``quorum.QuorumStore``, driven by ``quorum.QuorumLease``).
 
-``--min-replicas N`` adds a ``WAIT`` after a won acquisition, on the same
-connection as the write (see ``Store.acknowledged_replicas``).
+``--min-replicas N`` adds a ``WAIT`` after a won acquisition, behind a write
+on the same connection (see ``Store.acknowledged_replicas``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from . import scripts
 from .errors import StoreError, UsageError
 from .keys import redis_key
 
@@ -268,34 +269,28 @@ class Store:
         except redis.RedisError as exc:
             raise self.error(exc) from exc
 
-    def acknowledged_replicas(self, key: str) -> int:
-        """``WAIT`` for ``min_replicas`` to have the last write made for ``key``.
+    def acknowledged_replicas(self, key: str, token: str) -> int:
+        """How many replicas have the lease ``key`` held with ``token``.
 
         WAIT counts the replicas that have every write of *its own
-        connection*, so it must run on the connection that carried the
-        acquire script.  The connection pools are last-in first-out and the
-        acquisition is the only request in flight, so the pool hands that
-        connection out again; a connection that is not open any more (it
-        failed and would be opened afresh) has no writes to wait for and
-        would count every replica, so it counts as none.  Not retried: a
-        retry would run on a new connection.
+        connection*, and the acquisition may have used another one (a pool,
+        a retry, a reconnection).  So a write that changes nothing,
+        ``scripts.TOUCH``, goes first on the same connection, in one pipeline
+        with the WAIT: replicas that acknowledge it have the lease too.  If
+        the lease is not this holder's any more, no replica counts.
         """
-        pool = self._pool_for(key)
-        connection = pool.get_connection()
+        timeout = self.settings.timeout
+        pipe = self._node_client(key).pipeline(transaction=False)
+        pipe.eval(scripts.TOUCH, 1, key, token)
+        # Answered before the socket timeout, which is the same limit.
+        pipe.execute_command(  # type: ignore[no-untyped-call]
+            "WAIT", self.settings.min_replicas, max(1, round(timeout * 800))
+        )
         try:
-            if getattr(connection, "_sock", None) is None:
-                return 0
-            timeout = self.settings.timeout
-            connection.send_command("WAIT", self.settings.min_replicas,
-                                    max(1, round(timeout * 1000)))
-            # The server answers when the WAIT times out: read a little longer.
-            return int(connection.read_response(timeout=timeout + 1.0))
-        except redis.RedisError as exc:
-            # A reply may still be on its way; it must not answer a later request.
-            connection.disconnect()
+            touched, acked = pipe.execute()
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise self.error(exc) from exc
-        finally:
-            pool.release(connection)
+        return int(acked) if touched else 0
 
     def connected_replicas(self, key: str) -> int | None:
         """How many replicas the primary that holds ``key`` has, if it says."""
@@ -304,9 +299,6 @@ class Store:
         except redis.RedisError:
             return None
         return int(info.get("connected_slaves", 0))
-
-    def _pool_for(self, key: str) -> Any:
-        return self.client.connection_pool
 
     def _node_client(self, key: str) -> redis.Redis:
         return self.client
@@ -510,9 +502,6 @@ class ClusterStore(Store):
         node = self.client.get_node_from_key(key)
         client: redis.Redis = self.client.get_redis_connection(node)
         return client
-
-    def _pool_for(self, key: str) -> Any:
-        return self._node_client(key).connection_pool
 
     def close(self) -> None:
         if self._cluster is not None:
