@@ -452,3 +452,16 @@ def test_status_and_release_reach_the_same_topologies(
     again = cronguard("--key", key, "--skip-exit", "3", "--", "true",
                       CRONGUARD_REDIS=url, **extra)
     assert again.returncode == 0
+
+
+def test_admin_commands_take_the_tls_options(
+    cronguard: Cronguard, key: str, tls_server: TlsServer, certs: Certificates,
+) -> None:
+    tls = ["--tls-ca", str(certs.ca), "--tls-cert", str(certs.client_cert),
+           "--tls-key", str(certs.client_key)]
+    url = tls_server.tls_url
+    ran = cronguard("--key", key, *tls, "--", "true", CRONGUARD_REDIS=url)
+    assert ran.returncode == 0, ran.stderr
+    status = cronguard("status", key, "--json", *tls, CRONGUARD_REDIS=url)
+    assert status.returncode == 0, status.stderr
+    assert '"held"' in status.stdout
