@@ -465,3 +465,26 @@ def test_admin_commands_take_the_tls_options(
     status = cronguard("status", key, "--json", *tls, CRONGUARD_REDIS=url)
     assert status.returncode == 0, status.stderr
     assert '"held"' in status.stdout
+
+
+def test_multi_host_urls_parse_and_never_show_the_password() -> None:
+    from cronguard.store import MultiHostURL, redact
+
+    url = "redis+sentinel://app:s%40cret@10.0.0.1:26379,[::1]:26380,sen3/jobs/4"
+    parsed = MultiHostURL.parse(url)
+    assert parsed.username == "app" and parsed.password == "s@cret"
+    assert parsed.hosts == (("10.0.0.1", 26379), ("::1", 26380), ("sen3", 26379))
+    assert parsed.path == ("jobs", "4")
+    shown = redact(url)
+    assert "cret" not in shown and shown.startswith("redis+sentinel://app:***@")
+
+
+def test_a_wrong_data_password_through_sentinel_is_not_printed(
+    cronguard: Cronguard, key: str, sentinels: SentinelSet,
+) -> None:
+    hosts = sentinels.url.partition("://")[2]
+    result = cronguard("--key", key, "--", "true",
+                       CRONGUARD_REDIS=f"redis+sentinel://:not-the-one@{hosts}",
+                       CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+    assert result.returncode == 75
+    assert "not-the-one" not in result.stderr and "***" in result.stderr
