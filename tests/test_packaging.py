@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,20 @@ def other_pythons() -> list[str]:
     if not pythons:
         pytest.skip("no CPython 3.11 or later here besides the system's")
     return pythons
+
+
+def assert_each_python_runs_one_job(
+    pythons: list[str],
+    command_for: Callable[[str], list[str]],
+    env: dict[str, str],
+    key: str,
+    tmp_path: Path,
+) -> None:
+    """assert_runs_one_job for each Python, with a key and directory apiece."""
+    for number, python in enumerate(pythons):
+        scratch = tmp_path / str(number)
+        scratch.mkdir()
+        assert_runs_one_job(command_for(python), env, f"{key}-{number}", scratch)
 
 
 # Extension modules: what would tie an artefact to one platform and Python.
@@ -281,10 +296,9 @@ def test_zipapp_runs_a_job_with_every_other_cpython(
     tmp_path: Path,
 ) -> None:
     env = system_env(tmp_path, private_redis)
-    for number, python in enumerate(other_pythons):
-        scratch = tmp_path / str(number)
-        scratch.mkdir()
-        assert_runs_one_job([python, str(zipapp)], env, f"{key}-{number}", scratch)
+    assert_each_python_runs_one_job(
+        other_pythons, lambda python: [python, str(zipapp)], env, key, tmp_path
+    )
 
 
 def test_deb_is_for_every_architecture_and_python3(deb: Path) -> None:
@@ -318,8 +332,6 @@ def test_deb_command_runs_a_job_with_every_other_cpython(
     # directory serves any python3 the package's Depends allows.
     env = system_env(tmp_path, private_redis)
     launcher = str(deb_tree / "usr/bin/cronguard")
-    for number, python in enumerate(other_pythons):
-        scratch = tmp_path / str(number)
-        scratch.mkdir()
-        command = [python, "-I", launcher]
-        assert_runs_one_job(command, env, f"{key}-{number}", scratch)
+    assert_each_python_runs_one_job(
+        other_pythons, lambda python: [python, "-I", launcher], env, key, tmp_path
+    )
