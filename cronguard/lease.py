@@ -122,6 +122,8 @@ class Lease:
         self.since_ms: int | None = None
         self.deadline: float | None = None  # monotonic; None while not held
         self.lost_reason: str | None = None
+        # True when the lease ran out because the store stopped answering.
+        self.lost_silently = False
         self._listeners: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
@@ -236,9 +238,9 @@ class Lease:
             log.info("%s: not released: it was no longer held by this run", self.key)
         return float(left_ms) / 1000 if left_ms >= 0 else -1.0
 
-    def hold(self, **fields: object) -> float:
+    def hold(self, event: str = "finished", **fields: object) -> float:
         """Release, but not before ``ttl`` has passed since acquisition."""
-        return self.release(hold=self.ttl, **fields)
+        return self.release(hold=self.ttl, event=event, **fields)
 
     def _fields(self, event: str, **fields: object) -> list[str]:
         """Flat field/value pairs of a run event."""
@@ -251,9 +253,9 @@ class Lease:
 
     def check(self) -> None:
         """Raise ``LeaseLost`` if the lease is lost or its deadline has passed."""
-        if self.lost_reason is None and self.deadline is not None:
-            if time.monotonic() >= self.deadline:
-                self._lose("it expired before a renewal succeeded")
+        deadline = self.deadline
+        if self.lost_reason is None and deadline and time.monotonic() >= deadline:
+            self._lose("it expired before a renewal succeeded", silently=True)
         if self.lost_reason is not None:
             raise LeaseLost(self.key, self.lost_reason)
 
@@ -261,9 +263,10 @@ class Lease:
         """Call ``listener`` (from the keeper thread) when the lease is lost."""
         self._listeners.append(listener)
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, *, silently: bool = False) -> None:
         if self.lost_reason is None:
             self.lost_reason = reason
+            self.lost_silently = silently
             log.warning("%s: lease lost: %s", self.key, reason)
             for listener in self._listeners:
                 listener()
@@ -298,7 +301,8 @@ class Lease:
                 deadline = self.deadline or 0.0
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self._lose(f"renewal failed until it expired: {exc}")
+                    self._lose(f"renewal failed until it expired: {exc}",
+                               silently=True)
                     return
                 log.warning("%s: renewal failed, lease ends in %s: %s",
                             self.key, format_duration(left), exc)
@@ -328,6 +332,7 @@ class Lease:
             return
         status = "0" if exc_type is None else exc_type.__name__
         try:
-            self.release(hold=self.ttl if self.hold_on_exit else 0.0, status=status)
+            self.release(hold=self.ttl if self.hold_on_exit else 0.0,
+                         status=status)
         except StoreError as error:
             log.warning("%s: could not give the lease back: %s", self.key, error)

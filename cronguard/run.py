@@ -86,6 +86,10 @@ def _run(
     except (CommandNotFound, CommandNotExecutable) as exc:
         _give_back(lease, release=True, event="failed", status=exc.exit_status)
         raise
+    if lease.lost_silently:
+        # The store stopped answering for a whole lease: the lease has expired
+        # there, and another round of retries would only delay the exit.
+        return outcome.status
     _give_back(
         lease,
         release=settings.release or outcome.reason == "lost",
@@ -117,11 +121,13 @@ def _supervise(
     return outcome
 
 
-def _give_back(lease: Lease, *, release: bool, **event: object) -> None:
+def _give_back(
+    lease: Lease, *, release: bool, event: str = "finished", **fields: object
+) -> None:
     """Release the lease or shorten it to its minimum hold, and record how the
     run ended; a failure here is logged and never changes the exit status."""
     try:
-        lease.release(hold=0.0 if release else lease.ttl, **event)
+        lease.release(hold=0.0 if release else lease.ttl, event=event, **fields)
     except StoreError as exc:
         log.warning("%s: could not give the lease back, it expires by itself: %s",
                     lease.key, exc)
