@@ -22,6 +22,7 @@ lint: $(BIN)/cronguard
 
 bench: $(BIN)/cronguard
 	$(BIN)/python bench/overhead
+	$(BIN)/python bench/takeover
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
