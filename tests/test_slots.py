@@ -525,3 +525,19 @@ def test_slot_options_come_from_the_environment_and_the_config_file(
     (_, started), = [x for x in events(client, key + "x")
                      if x[1]["event"] == "started"]
     assert started["ttl_ms"] == "2000"
+
+
+# Documentation
+
+
+@pytest.mark.parametrize("option", ["--every", "--schedule", "--tz", "--tolerance",
+                                    "--lease", "--overlap", "--standby"])
+def test_slot_options_are_documented(cronguard: Cronguard, option: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    man = (root / "man" / "cronguard.1").read_text()
+    readme = (root / "README.md").read_text()
+    assert option.replace("-", "\\-") in man
+    assert f"`{option}" in readme
+    assert option in cronguard("run", "--help").stdout
+    variable = "CRONGUARD_" + option[2:].upper()
+    assert variable in readme
