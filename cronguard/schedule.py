@@ -153,9 +153,11 @@ class CronSchedule:
             )
         self.zone = zone if zone is not None else local_zone()
         try:
-            self._iterate(0, reverse=False)
+            self.fire_after(_ms(datetime.now(UTC)))
         except CronSimError as exc:
             raise ValueError(f"is not a cron expression ({exc})") from None
+        except StopIteration:
+            raise ValueError("never fires") from None
         self.text = text
 
     @property

@@ -287,3 +287,23 @@ end
 return {updated, released, record(KEYS[3], ARGV[5], 7, {})}
 """
 )
+
+SLOT_RENEW = (
+    _PRELUDE
+    + _SLOT_PRELUDE
+    + """
+-- KEYS[1] slot record, KEYS[2] the slot's lease
+-- ARGV[1] token, ARGV[2] new lease TTL in ms, ARGV[3] ms to keep the record
+-- from now
+-- Extends the lease, and keeps the record at least as long, so that a run
+-- outlasting its slot's record can still be taken over if its holder dies.
+-- Returns 1 when the lease was extended, 0 when the caller no longer holds it.
+if not owns(redis.call('GET', KEYS[2])) then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local now = now_ms()
+  keep(now, now + tonumber(ARGV[3]))
+end
+return 1
+"""
+)

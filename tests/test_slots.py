@@ -20,6 +20,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import redis
@@ -27,7 +28,7 @@ from conftest import Cronguard
 from servers import RedisServer
 
 from cronguard.config import SlotSettings
-from cronguard.schedule import Interval, iso_utc
+from cronguard.schedule import CronSchedule, Interval, iso_utc
 from cronguard.slots import SlotLease
 from cronguard.store import Store, StoreSettings
 
@@ -541,3 +542,50 @@ def test_slot_options_are_documented(cronguard: Cronguard, option: str) -> None:
     assert option in cronguard("run", "--help").stdout
     variable = "CRONGUARD_" + option[2:].upper()
     assert variable in readme
+
+
+# In-process: the library's slot lease
+
+
+def slot_settings(schedule: Interval | CronSchedule, **changes: Any) -> SlotSettings:
+    fields: dict[str, Any] = {"schedule": schedule, "tolerance": 0.0, "lease": 5.0,
+                              "overlap": "skip", "standby": 0.0, **changes}
+    return SlotSettings(**fields)
+
+
+def test_a_host_clock_far_off_still_claims_the_servers_slot(
+    redis_server: RedisServer, client: redis.Redis, key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cron boundaries a host sends cover its own clock; when that clock
+    is ten minutes fast, the server says so and the host asks again."""
+    import cronguard.slots
+
+    real_time = time.time
+    monkeypatch.setattr(cronguard.slots.time, "time", lambda: real_time() + 600)
+    schedule = CronSchedule("* * * * *", ZoneInfo("UTC"))
+    store = Store(StoreSettings(url=redis_server.url))
+    try:
+        claim = SlotLease(store, key, slot_settings(schedule)).claim()
+    finally:
+        store.close()
+    assert claim.won and claim.slot is not None
+    assert claim.slot == schedule.slot_at(server_ms(client))
+
+
+def test_renewals_keep_the_slot_record_while_the_run_outlasts_it(
+    redis_server: RedisServer, client: redis.Redis, key: str,
+) -> None:
+    store = Store(StoreSettings(url=redis_server.url))
+    try:
+        lease = SlotLease(store, key, slot_settings(Interval(3600)))
+        assert lease.claim().won
+        record = f"cronguard:{{{key}}}:slot"
+        client.pexpire(record, 200)  # as if the run had outlasted its slot
+        lease.renew()
+        assert client.pttl(record) > 50_000
+        lease.finish("done", 0)
+    finally:
+        store.close()
+    assert slot_record(client, key)["state"] == "done"
+    assert not client.exists(f"cronguard:{{{key}}}:lease")
