@@ -5,8 +5,8 @@ the first word is not a subcommand, ``run`` is implied, so every crontab line
 keeps its natural form.  A word after ``--`` is always the command.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations" here: typer reads these signatures
+# on every run, and string annotations would cost a round of eval() each time.
 import logging
 import os
 import sys
@@ -30,13 +30,26 @@ log = logging.getLogger("cronguard")
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in cronguard
 
 
+_GROUP_OPTIONS = (
+    "--help",
+    "-h",
+    "--version",
+    "--install-completion",
+    "--show-completion",
+)
+
+
+def _names_group(word: str) -> bool:
+    """Is ``word`` a subcommand or an option of the group, not of ``run``?"""
+    names = {info.name for info in app.registered_commands}
+    return word in names or word in _GROUP_OPTIONS
+
+
 class _ImpliedRun(TyperGroup):
     """A group whose default subcommand is ``run``."""
 
-    _OWN = ("--help", "-h", "--version", "--install-completion", "--show-completion")
-
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in self._OWN:
+        if args and not _names_group(args[0]):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
@@ -134,20 +147,15 @@ LogFormat = Annotated[
     str, _option("--log-format", metavar="text|json", help="Format of log lines.")
 ]
 Debug = Annotated[bool, _option("--debug", help="Show tracebacks of errors.")]
+Syslog = Annotated[
+    bool, _option("--syslog", help="Also log to the local syslog, facility cron.")
+]
+SyslogSocket = Annotated[
+    str,
+    _option("--syslog-socket", metavar="PATH", help="The syslog socket for --syslog."),
+]
 
 
-@app.command(
-    "run",
-    context_settings={"allow_interspersed_args": False},
-    help=(
-        "Run COMMAND if this host wins the lease; exit quietly if another "
-        "host holds it.\n\n"
-        "The lease is held for at least --ttl from acquisition, so hosts whose "
-        "cron fires a little later in the same window find it taken; it is "
-        "renewed while COMMAND runs.  COMMAND is executed directly, without a "
-        "shell."
-    ),
-)
 def run_command(
     ctx: typer.Context,
     command: Annotated[
@@ -302,6 +310,8 @@ def run_command(
     quiet: Quiet = False,
     log_format: LogFormat = "text",
     debug: Debug = False,
+    syslog: Syslog = False,
+    syslog_socket: SyslogSocket = "/dev/log",
 ) -> int:
     values = _values(ctx)
     _configure_logging(values)
@@ -324,6 +334,30 @@ def run_command(
     return EXIT_INTERNAL  # not reached: _reported exits
 
 
+_RUN_HELP = (
+    "Run COMMAND if this host wins the lease; exit quietly if another "
+    "host holds it.\n\n"
+    "The lease is held for at least --ttl from acquisition, so hosts whose "
+    "cron fires a little later in the same window find it taken; it is "
+    "renewed while COMMAND runs.  COMMAND is executed directly, without a "
+    "shell."
+)
+_RUN_CONTEXT = {"allow_interspersed_args": False}
+
+app.command("run", context_settings=_RUN_CONTEXT, help=_RUN_HELP)(run_command)
+
+# The run command alone, for the hot path: building the whole group would
+# inspect every subcommand's signature on every cron firing of every host.
+_run_app = typer.Typer(
+    name="cronguard",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+_run_app.command(context_settings=_RUN_CONTEXT, help=_RUN_HELP)(run_command)
+
+
 def _values(ctx: click.Context) -> dict[str, Any]:
     """Option values by long name, with the config file filling the defaults."""
     values = {
@@ -340,7 +374,7 @@ def _values(ctx: click.Context) -> dict[str, Any]:
     with _reported(False):
         path = find_file(values.get("config"))
         if path is not None:
-            known = [p.name.replace("_", "-") for p in ctx.command.params if p.name]
+            known = _known_settings(ctx)
             for name, value in load_file(path, known).items():
                 if name not in given:
                     values[name] = value
@@ -368,6 +402,8 @@ def _configure_logging(values: dict[str, Any]) -> None:
                   log_format)
         raise typer.Exit(EXIT_USAGE)
     logsetup.configure(verbosity, log_format)
+    if _flag_value(values.get("syslog")):
+        _add_syslog(str(values.get("syslog-socket") or "/dev/log"), verbosity)
 
 
 @contextmanager
@@ -394,9 +430,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``cronguard`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
     logsetup.configure()
-    command = typer.main.get_command(app)
+    prog_name = "cronguard run"
+    if args and args[0] == "run":
+        args = args[1:]
+        command = typer.main.get_command(_run_app)
+    elif args and not _names_group(args[0]):
+        command = typer.main.get_command(_run_app)
+    else:
+        command = typer.main.get_command(app)
+        prog_name = "cronguard"
     try:
-        status = command.main(args=args, prog_name="cronguard", standalone_mode=False)
+        status = command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.ClickException as exc:
         context = getattr(exc, "ctx", None)
         hint = f"; see '{context.command_path} --help'" if context else ""
@@ -405,3 +449,398 @@ def main(argv: Sequence[str] | None = None) -> None:
     except typer.Abort:
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+# Administration and observability.  These subcommands share the store
+# options with ``run``; what they import (rich, prometheus_client) is loaded
+# inside them, so a run never pays for it.
+
+
+def _known_settings(ctx: click.Context) -> list[str]:
+    """Config file keys: the long names of every subcommand's options, so one
+    file serves ``run`` and ``status`` alike."""
+    root = ctx.find_root().command
+    if not hasattr(root, "commands"):  # the run command alone, on the hot path
+        root = typer.main.get_command(app)
+    commands = getattr(root, "commands", {}).values()
+    return sorted({
+        param.name.replace("_", "-")
+        for command in [*commands, ctx.command]
+        for param in command.params
+        if param.name and param.param_type_name == "option"
+    })
+
+
+def _flag_value(value: Any) -> bool:
+    from .config import flag
+
+    return flag("syslog", value)
+
+
+def _add_syslog(address: str, verbosity: int) -> None:
+    try:
+        logsetup.add_syslog(address, verbosity)
+    except OSError as exc:
+        log.error(
+            "--syslog (CRONGUARD_SYSLOG): cannot log to %s: %s; start a syslog "
+            "daemon, point --syslog-socket (CRONGUARD_SYSLOG_SOCKET) at its "
+            "socket, or drop --syslog",
+            address,
+            exc.strerror or exc,
+        )
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+@contextmanager
+def _admin_store(ctx: typer.Context, values: dict[str, Any]) -> Iterator[Any]:
+    """The store the admin subcommands read, from the same options as run."""
+    from .config import store_settings
+    from .store import Store
+
+    redis_url = values.get("redis")
+    if (
+        redis_url
+        and ctx.get_parameter_source("redis") is ParameterSource.COMMANDLINE
+        and url_has_password(redis_url)
+    ):
+        log.warning(
+            "the password in --redis is visible to every user in ps; use "
+            "CRONGUARD_REDIS_PASSWORD or --redis-password-file instead"
+        )
+    store = Store(store_settings(values, os.environ))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+JsonOutput = Annotated[
+    bool, _option("--json", help="Print JSON instead of text, for programs.")
+]
+Since = Annotated[
+    str | None,
+    _option(
+        "--since",
+        metavar="DURATION",
+        help="Only events from this long ago on [default: all recorded].",
+    ),
+]
+JobKey = Annotated[str, typer.Argument(metavar="KEY", help="The job's --key.")]
+
+
+def _since(values: dict[str, Any]) -> float | None:
+    from .config import optional_duration
+
+    return optional_duration("since", values.get("since"))
+
+
+@app.command(
+    "status",
+    help=(
+        "Show each job's state (running, held, idle), holder, lease left, last "
+        "run and the age of its last success.\n\n"
+        "Without KEY, every job the store knows is shown."
+    ),
+)
+def status_command(
+    ctx: typer.Context,
+    keys: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="KEY", help="Jobs to show [default: all]."),
+    ] = None,
+    json: JsonOutput = False,
+    redis: Redis = None,
+    redis_timeout: RedisTimeout = "2s",
+    redis_password_file: RedisPasswordFile = None,
+    prefix: Prefix = "cronguard",
+    config: Config = None,
+    debug: Debug = False,
+) -> int:
+    values = _values(ctx)
+    with _reported(bool(values.get("debug"))):
+        from .admin import job_states, print_status
+        from .config import flag
+
+        with _admin_store(ctx, values) as store:
+            states = job_states(store, keys or [])
+        print_status(states, as_json=flag("json", values.get("json")),
+                     out=sys.stdout)
+        return 0
+    return EXIT_INTERNAL  # not reached: _reported exits
+
+
+@app.command("history", help="Show a job's recorded run events, oldest first.")
+def history_command(
+    ctx: typer.Context,
+    key: JobKey,
+    since: Since = None,
+    limit: Annotated[
+        str,
+        _option("--limit", metavar="N", help="Show at most the N most recent events."),
+    ] = "100",
+    json: JsonOutput = False,
+    redis: Redis = None,
+    redis_timeout: RedisTimeout = "2s",
+    redis_password_file: RedisPasswordFile = None,
+    prefix: Prefix = "cronguard",
+    config: Config = None,
+    debug: Debug = False,
+) -> int:
+    values = _values(ctx)
+    with _reported(bool(values.get("debug"))):
+        from .admin import history, print_history
+        from .config import flag, integer
+
+        count = integer("limit", values.get("limit", 100), 1, 1_000_000)
+        with _admin_store(ctx, values) as store:
+            events = history(store, key, since=_since(values), limit=count)
+        print_history(events, as_json=flag("json", values.get("json")),
+                      out=sys.stdout)
+        return 0
+    return EXIT_INTERNAL  # not reached: _reported exits
+
+
+@app.command(
+    "timeline",
+    help=(
+        "Chart a job's runs: one row per host, time across, each run a bar "
+        "coloured by how it ended, so which host led when is seen at a glance."
+    ),
+)
+def timeline_command(
+    ctx: typer.Context,
+    key: JobKey,
+    since: Since = None,
+    svg: Annotated[
+        str | None,
+        _option("--svg", metavar="FILE", help="Also write the chart to FILE as SVG."),
+    ] = None,
+    redis: Redis = None,
+    redis_timeout: RedisTimeout = "2s",
+    redis_password_file: RedisPasswordFile = None,
+    prefix: Prefix = "cronguard",
+    config: Config = None,
+    debug: Debug = False,
+) -> int:
+    values = _values(ctx)
+    with _reported(bool(values.get("debug"))):
+        from .errors import UsageError
+        from .history import read_events, read_holder, server_time
+        from .keys import validate_key
+        from .timeline import build_chart, print_chart, svg_text
+
+        validate_key(key, "KEY")
+        since_seconds = _since(values)
+        with _admin_store(ctx, values) as store:
+            now = server_time(store)
+            start = now - since_seconds if since_seconds is not None else None
+            events = read_events(store, key, since=start)
+            chart = build_chart(key, events, read_holder(store, key), now, start)
+        print_chart(chart, sys.stdout)
+        path = values.get("svg")
+        if path:
+            try:
+                with open(str(path), "w", encoding="utf-8") as handle:
+                    handle.write(svg_text(chart))
+            except OSError as exc:
+                raise UsageError(
+                    f"--svg (CRONGUARD_SVG): cannot write {path}: {exc.strerror}"
+                ) from None
+        return 0
+    return EXIT_INTERNAL  # not reached: _reported exits
+
+
+@app.command(
+    "check",
+    help=(
+        "Monitoring plugin: is the job's last success recent enough?  Prints "
+        "one line and exits 0 OK, 1 WARNING (older than --warn-age), "
+        "2 CRITICAL (older than --max-age, or no success recorded), 3 UNKNOWN "
+        "(the store could not be read)."
+    ),
+)
+def check_command(
+    ctx: typer.Context,
+    key: JobKey,
+    max_age: Annotated[
+        str | None,
+        _option(
+            "--max-age",
+            metavar="DURATION",
+            help="CRITICAL when the last success is older than this (required).",
+        ),
+    ] = None,
+    warn_age: Annotated[
+        str | None,
+        _option(
+            "--warn-age",
+            metavar="DURATION",
+            help="WARNING when the last success is older than this.",
+        ),
+    ] = None,
+    redis: Redis = None,
+    redis_timeout: RedisTimeout = "2s",
+    redis_password_file: RedisPasswordFile = None,
+    prefix: Prefix = "cronguard",
+    config: Config = None,
+    debug: Debug = False,
+) -> int:
+    values = _values(ctx)
+    with _reported(bool(values.get("debug"))):
+        from .admin import check
+        from .config import duration, optional_duration
+        from .errors import UsageError
+        from .keys import validate_key
+
+        validate_key(key, "KEY")
+        if values.get("max-age") in (None, ""):
+            raise UsageError(
+                "check needs --max-age (CRONGUARD_MAX_AGE), the age beyond which "
+                "the last success is CRITICAL, as in --max-age 1h"
+            )
+        limit = duration("max-age", values["max-age"])
+        warn = optional_duration("warn-age", values.get("warn-age"))
+        with _admin_store(ctx, values) as store:
+            result = check(store, key, max_age=limit, warn_age=warn)
+        typer.echo(result.line)
+        return result.status
+    return EXIT_INTERNAL  # not reached: _reported exits
+
+
+@app.command(
+    "release",
+    help=(
+        "Remove a job's stuck lease, whoever holds it, and record that in its "
+        "history.  A run still going on under it finds its lease lost."
+    ),
+)
+def release_command(
+    ctx: typer.Context,
+    key: JobKey,
+    if_fence: Annotated[
+        str | None,
+        _option(
+            "--if-fence",
+            metavar="N",
+            help="Only remove the lease if its fence is N (as status showed it).",
+        ),
+    ] = None,
+    redis: Redis = None,
+    redis_timeout: RedisTimeout = "2s",
+    redis_password_file: RedisPasswordFile = None,
+    prefix: Prefix = "cronguard",
+    config: Config = None,
+    debug: Debug = False,
+) -> int:
+    values = _values(ctx)
+    with _reported(bool(values.get("debug"))):
+        from .admin import release, release_message
+        from .config import integer
+
+        given = values.get("if-fence")
+        fence = None if given in (None, "") else integer("if-fence", given, 0, 2**63)
+        with _admin_store(ctx, values) as store:
+            result = release(store, key, fence=fence)
+        typer.echo(release_message(key, result, fence))
+        return 1 if result.current is not None else 0
+    return EXIT_INTERNAL  # not reached: _reported exits
+
+
+@app.command(
+    "doctor",
+    help=(
+        "Check the store: reachability and round trip, server version and "
+        "mode, the ACL user's permissions, the clock offset, and settings that "
+        "endanger leases.  One line per check; exit 1 if any warns or fails."
+    ),
+)
+def doctor_command(
+    ctx: typer.Context,
+    redis: Redis = None,
+    redis_timeout: RedisTimeout = "2s",
+    redis_password_file: RedisPasswordFile = None,
+    prefix: Prefix = "cronguard",
+    config: Config = None,
+    debug: Debug = False,
+) -> int:
+    values = _values(ctx)
+    with _reported(bool(values.get("debug"))):
+        from .doctor import OK, Doctor
+
+        healthy = True
+        with _admin_store(ctx, values) as store:
+            for finding in Doctor(store).findings():
+                typer.echo(str(finding))
+                healthy = healthy and finding.level == OK
+        return 0 if healthy else 1
+    return EXIT_INTERNAL  # not reached: _reported exits
+
+
+@app.command(
+    "metrics",
+    help=(
+        "Print per-job figures in the Prometheus text format, or write them "
+        "atomically to --textfile for node_exporter's textfile collector."
+    ),
+)
+def metrics_command(
+    ctx: typer.Context,
+    keys: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="KEY", help="Jobs to report [default: all]."),
+    ] = None,
+    textfile: Annotated[
+        str | None,
+        _option(
+            "--textfile",
+            metavar="PATH",
+            help="Write to PATH (temp file + rename) instead of standard output.",
+        ),
+    ] = None,
+    redis: Redis = None,
+    redis_timeout: RedisTimeout = "2s",
+    redis_password_file: RedisPasswordFile = None,
+    prefix: Prefix = "cronguard",
+    config: Config = None,
+    debug: Debug = False,
+) -> int:
+    values = _values(ctx)
+    with _reported(bool(values.get("debug"))):
+        from .errors import StoreError
+        from .history import find_jobs, read_job, server_time
+        from .keys import validate_key
+        from .metrics import exposition, write_textfile
+
+        for key in keys or []:
+            validate_key(key, "KEY")
+        path = values.get("textfile")
+        failure: StoreError | None = None
+        with _admin_store(ctx, values) as store:
+            try:
+                now = server_time(store)
+                states = [read_job(store, key, now, full=True)
+                          for key in (keys or find_jobs(store))]
+            except StoreError as exc:
+                # Publish the outage, so an alert fires instead of stale figures.
+                failure, states = exc, []
+        if path:
+            _write_metrics(str(path), lambda: write_textfile(
+                str(path), states, failure is None))
+        else:
+            sys.stdout.write(exposition(states, failure is None))
+        if failure is not None:
+            raise failure
+        return 0
+    return EXIT_INTERNAL  # not reached: _reported exits
+
+
+def _write_metrics(path: str, write: Any) -> None:
+    from .errors import UsageError
+
+    try:
+        write()
+    except OSError as exc:
+        raise UsageError(
+            f"--textfile (CRONGUARD_TEXTFILE): cannot write {path}: "
+            f"{exc.strerror or exc}; give a path in a writable directory"
+        ) from None

@@ -55,3 +55,41 @@ def configure(verbosity: int = 0, log_format: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+# Syslog, for --syslog.  Loaded only when asked for.
+
+SYSLOG_SOCKET = "/dev/log"
+
+
+def add_syslog(address: str = SYSLOG_SOCKET, verbosity: int = 0) -> None:
+    """Also send cronguard's records to the local syslog, facility cron.
+
+    Syslog gets what happened (``-v``'s level) whatever the stderr level, so
+    acquisitions and skips are on record without cron mailing them.  Raises
+    ``OSError`` when nothing listens at ``address``.
+    """
+    import logging.handlers
+    import os
+    import socket
+
+    # SysLogHandler only reports a missing socket when a record is sent, as a
+    # traceback on stderr; connecting first turns it into one clear error.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stream:
+                stream.connect(address)
+    handler = logging.handlers.SysLogHandler(
+        address=address, facility=logging.handlers.SysLogHandler.LOG_CRON
+    )
+    handler.ident = f"cronguard[{os.getpid()}]: "
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logging.DEBUG if verbosity >= 2 else logging.INFO
+    handler.setLevel(level)
+    root = logging.getLogger("cronguard")
+    for existing in root.handlers:
+        existing.setLevel(root.level)
+    root.addHandler(handler)
+    root.setLevel(min(root.level, level))

@@ -117,6 +117,35 @@ return {left, record(KEYS[2], ARGV[3], 4, {})}
 """
 )
 
+FORCE_RELEASE = (
+    _PRELUDE
+    + """
+-- KEYS[1] lease, KEYS[2] run stream
+-- ARGV[1] fence the operator expects, or '' for whichever holder there is,
+-- ARGV[2] stream length cap, ARGV[3..] fields of the "released" event
+-- Deletes the lease whatever its token: an operator removes a stuck lease.
+-- With a fence given, only a lease of that fence is removed, so a release
+-- typed after reading `cronguard status` cannot remove the lease of a newer
+-- run that acquired it in between.  The event gains the removed holder's
+-- JSON as "holder" and its fence.
+-- Returns {1, removed value, PTTL it had, recorded}, {0, current value or
+-- false, PTTL, 0} when the fence did not match, or {0, false, -2, 0} when no
+-- lease existed.
+local current = redis.call('GET', KEYS[1])
+if not current then return {0, false, -2, 0} end
+local pttl = redis.call('PTTL', KEYS[1])
+local space = string.find(current, ' ', 1, true)
+local details = space and string.sub(current, space + 1) or '{}'
+local ok, holder = pcall(cjson.decode, details)
+if not ok or type(holder) ~= 'table' then holder = {} end
+local fence = holder.fence and tostring(holder.fence) or ''
+if ARGV[1] ~= '' and ARGV[1] ~= fence then return {0, current, pttl, 0} end
+redis.call('DEL', KEYS[1])
+local recorded = record(KEYS[2], ARGV[2], 3, {'fence', fence, 'holder', details})
+return {1, current, pttl, recorded}
+"""
+)
+
 # Slot mode.  A job's slot record (KEYS[1] below) is a hash describing the last
 # slot claimed: slot and end (ms of server time), state (running, done or
 # failed), holder (host:pid), token and fence of the current holder, started

@@ -104,6 +104,7 @@ class Store:
             socket_connect_timeout=settings.timeout,
             retry=Retry(_BACKOFF, RETRIES),
             retry_on_error=[redis.exceptions.BusyLoadingError],
+            protocol=2,  # RESP3 would cost a HELLO round trip per connection
             **QUIET_HANDSHAKE,
         )
 

@@ -7,10 +7,12 @@ cronguard receives are forwarded to the command's process group.
 
 If cronguard itself is killed with SIGKILL it can do nothing, so two things
 are arranged before then: on Linux the command gets a parent-death signal,
-and a small watcher process, forked after the command starts, waits on a pipe
+and a small watcher process, started right after the command, waits on a pipe
 whose other end only cronguard holds.  When that pipe closes without a word
 from cronguard, the watcher terminates the whole process group, including
-whatever the command forked.
+whatever the command forked.  The watcher is a few lines of /bin/sh, started
+with vfork like the command; forking the Python process instead would copy
+its page tables on every winning run.
 """
 
 from __future__ import annotations
@@ -123,13 +125,54 @@ def _set_parent_death_signal(parent: int) -> Callable[[], None] | None:
     return hook
 
 
-def _fork_watcher(group: int, kill_after: float) -> tuple[int, int]:
-    """Fork the watcher for ``group``; return its pid and the pipe to disarm it."""
+# The watcher.  $1 is the process group, $2 the seconds between SIGTERM and
+# SIGKILL.  It reads one line from cronguard: "done" disarms it, end of file
+# (cronguard died) sets it off.  It ignores the signals cronguard forwards, and
+# runs in a session of its own, out of reach of the terminal and of signals to
+# cronguard's process group.
+_WATCHER = """
+trap '' TERM INT HUP QUIT USR1 USR2
+read -r word
+[ "$word" = done ] && exit 0
+kill -TERM -"$1" 2>/dev/null || exit 0
+sleep "$2"
+kill -KILL -"$1" 2>/dev/null
+exit 0
+"""
+_SHELL = "/bin/sh"
+
+
+def _start_watcher(
+    group: int, kill_after: float
+) -> tuple[Callable[[], object], int]:
+    """Start the watcher for ``group``; return how to reap it, and the pipe
+    to disarm it."""
+    if not os.path.exists(_SHELL):
+        return _fork_watcher(group, kill_after)
+    read_end, write_end = os.pipe()
+    try:
+        watcher = subprocess.Popen(
+            [_SHELL, "-c", _WATCHER, "cronguard-watcher", str(group),
+             f"{kill_after:g}"],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        os.close(read_end)
+    return watcher.wait, write_end
+
+
+def _fork_watcher(
+    group: int, kill_after: float
+) -> tuple[Callable[[], object], int]:
+    """The watcher as a fork of cronguard, where there is no /bin/sh."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
         os.close(read_end)
-        return pid, write_end
+        return lambda: os.waitpid(pid, 0), write_end
     try:  # the watcher: no Python-level clean-up, no return
         os.setsid()  # out of the terminal's reach: Ctrl-C must not end it
         for signum in FORWARDED:
@@ -139,7 +182,7 @@ def _fork_watcher(group: int, kill_after: float) -> tuple[int, int]:
             os.dup2(devnull, fd)
         os.closerange(3, read_end)
         os.closerange(read_end + 1, 1 << 16)
-        if os.read(read_end, 1):
+        if os.read(read_end, 4) == b"done":
             os._exit(0)  # disarmed: cronguard finished normally
         _terminate_group(group, kill_after)
     finally:
@@ -200,7 +243,7 @@ class Supervisor:
         with _wake_pipe() as (wake_read, wake_write):
             process = self._start()
             started = time.monotonic()
-            watcher, disarm = _fork_watcher(process.pid, self.kill_after)
+            reap_watcher, disarm = _start_watcher(process.pid, self.kill_after)
             if self.lease is not None:
                 self.lease.on_change(lambda: _poke(wake_write))
                 self.lease.keep()
@@ -209,10 +252,10 @@ class Supervisor:
             finally:
                 if self.lease is not None:
                     self.lease.stop_keeping()
-                os.write(disarm, b"x")
+                os.write(disarm, b"done\n")
                 os.close(disarm)
                 with suppress(ChildProcessError):
-                    os.waitpid(watcher, 0)
+                    reap_watcher()
         duration = time.monotonic() - started
         status = {"lost": EXIT_LEASE_LOST, "timeout": EXIT_TIMEOUT}.get(
             reason, returncode
