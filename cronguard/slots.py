@@ -201,8 +201,10 @@ class SlotLease(Lease):
         self.deadline = sent + self.ttl
         self.lost_reason = None
 
-    def finish(self, state: str, status: int, **fields: object) -> None:
-        """Record how the run ended and delete the lease.
+    def finish(
+        self, state: str, status: int, *, event: str = "finished", **fields: object
+    ) -> None:
+        """Record ``event`` and how the run ended, and delete the lease.
 
         ``state`` is ``done`` or ``failed``; an empty one leaves the slot
         recorded as running, so that a standby takes it over.
@@ -219,7 +221,7 @@ class SlotLease(Lease):
                 status,
                 STREAM_LENGTH,
                 self._keep_ms,
-                *self._fields("finished", fence=self.fence, slot_ms=self.slot.start_ms,
+                *self._fields(event, fence=self.fence, slot_ms=self.slot.start_ms,
                               status=status, **fields),
             ],
         )
@@ -277,7 +279,7 @@ def run_slot(
     try:
         outcome = _run_command(settings, environ, relay, lease)
     except (CommandNotFound, CommandNotExecutable) as exc:
-        _finish(lease, "failed", exc.exit_status, reason="not started")
+        _finish(lease, "failed", exc.exit_status, event="failed")
         raise
     _finish(
         lease,
@@ -376,11 +378,14 @@ def _state(outcome: Outcome) -> str:
     return "done" if succeeded else "failed"
 
 
-def _finish(lease: SlotLease, state: str, status: int, **fields: object) -> None:
+def _finish(
+    lease: SlotLease, state: str, status: int, event: str = "finished",
+    **fields: object,
+) -> None:
     """Record the end of the run; a failure is logged and never changes the
     exit status (the lease then expires by itself)."""
     try:
-        lease.finish(state, status, **fields)
+        lease.finish(state, status, event=event, **fields)
     except StoreError as exc:
         log.warning("%s: could not record the end of slot %s; its lease expires "
                     "by itself: %s", lease.key,

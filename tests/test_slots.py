@@ -589,3 +589,50 @@ def test_renewals_keep_the_slot_record_while_the_run_outlasts_it(
         store.close()
     assert slot_record(client, key)["state"] == "done"
     assert not client.exists(f"cronguard:{{{key}}}:lease")
+
+
+def test_a_signal_before_the_command_starts_leaves_the_slot_to_a_standby(
+    redis_server: RedisServer, client: redis.Redis, key: str, job: list[str],
+) -> None:
+    from cronguard.config import RunSettings
+    from cronguard.slots import run_slot
+    from cronguard.supervise import SignalRelay
+
+    values = {"every": "1h", "lease": "5s", "key": key, "redis": redis_server.url}
+    settings = RunSettings.build([*job], values, {})
+    relay = SignalRelay()
+    relay.received.append(signal.SIGTERM)  # as if it came during the claim
+    store = Store(settings.store)
+    try:
+        assert run_slot(settings, {}, store, relay) == 128 + signal.SIGTERM
+    finally:
+        store.close()
+    assert [e["event"] for _, e in events(client, key)] == ["started", "interrupted"]
+    assert slot_record(client, key)["state"] == "running"
+    assert not client.exists(f"cronguard:{{{key}}}:lease")
+
+
+def test_a_command_that_is_not_found_fails_the_slot(
+    cronguard: Cronguard, client: redis.Redis, key: str,
+) -> None:
+    result = cronguard("--every", "1h", "--key", key, "--", "/nonexistent/job")
+    assert result.returncode == 127
+    assert [e["event"] for _, e in events(client, key)] == ["started", "failed"]
+    assert slot_record(client, key)["state"] == "failed"
+    assert not client.exists(f"cronguard:{{{key}}}:lease")
+
+
+def test_a_standby_stopped_by_a_signal_exits_with_128_plus_it(
+    cronguard: Cronguard, client: redis.Redis, key: str, tmp_path: Path,
+    job: list[str],
+) -> None:
+    winner, command_pid = start_winner(cronguard, client, key, tmp_path, job)
+    standby = cronguard.start("--every", "1h", "--lease", "1s", "--standby", "60s",
+                              "--key", key, "--", *job, CRONGUARD_HOST_ID="b")
+    wait_until(lambda: client.hexists(f"cronguard:{{{key}}}:skips", "b"),
+               what="the standby to lose")
+    standby.send_signal(signal.SIGTERM)
+    assert standby.wait(10) == 128 + signal.SIGTERM
+    winner.send_signal(signal.SIGTERM)
+    assert winner.wait(20) == 128 + signal.SIGTERM
+    assert process_gone(command_pid)
