@@ -100,8 +100,11 @@ class SlotLease(Lease):
             around = int(claim.detail)
             log.info("%s: this host's clock is %s off the store's", self.key,
                      format_duration(abs(time.time() * 1000 - around) / 1000))
-        raise StoreError(f"{self.key}: the store's clock moves too fast to "
-                         "pick a slot", self.store.description)
+        raise StoreError(
+            f"{self.store.description}: its clock jumped by more than "
+            f"{BOUNDARY_MARGIN_MS // 1000}s between two requests; cannot pick a slot",
+            self.store.description,
+        )
 
     def _claim_once(self, around_ms: int) -> Claim:
         schedule = self.settings.schedule
@@ -331,7 +334,15 @@ def _stand_by(
                 # Just after the lease would expire, unless it is renewed.
                 due = pttl / 1000 + 0.002 if pttl >= 0 else STANDBY_POLL
                 _wait_for(wake, min(due, max(STANDBY_POLL, lease.ttl / 4), left))
-            taken, state, pttl = lease.take_over(slot)
+            try:
+                taken, state, pttl = lease.take_over(slot)
+            except StoreError as exc:
+                # Nothing ran here: "run" cannot mean running beside a
+                # winner that may be alive, so only "fail" reports it.
+                if settings.on_error == "fail":
+                    raise
+                log.warning("%s: standby ended, the store failed: %s", key, exc)
+                return settings.skip_exit
             if taken:
                 return None
             if state != "running":

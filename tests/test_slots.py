@@ -636,3 +636,29 @@ def test_a_standby_stopped_by_a_signal_exits_with_128_plus_it(
     winner.send_signal(signal.SIGTERM)
     assert winner.wait(20) == 128 + signal.SIGTERM
     assert process_gone(command_pid)
+
+
+@pytest.mark.parametrize("on_error, status", [("fail", 75), ("skip", 0)])
+def test_a_standby_whose_store_stops_answering_gives_up(
+    cronguard_bin: str, env: dict[str, str], private_redis: RedisServer, key: str,
+    tmp_path: Path, job: list[str], on_error: str, status: int,
+) -> None:
+    cronguard = Cronguard(cronguard_bin, {**env, "CRONGUARD_REDIS": private_redis.url})
+    client = private_redis.client()
+    winner, _ = start_winner(cronguard, client, key, tmp_path, job)
+    standby = cronguard.start(
+        "--every", "1h", "--lease", "1s", "--standby", "60s", "--key", key,
+        "--redis-timeout", "200ms", "--on-error", on_error, "--",
+        *job, "env", str(tmp_path / "b.json"), CRONGUARD_HOST_ID="b")
+    wait_until(lambda: client.hexists(f"cronguard:{{{key}}}:skips", "b"),
+               what="the standby to lose")
+    private_redis.pause()
+    try:
+        assert standby.wait(20) == status
+    finally:
+        private_redis.resume()
+    assert standby.stderr is not None
+    assert ("error" if on_error == "fail" else "warning") in standby.stderr.read()
+    assert not (tmp_path / "b.json").exists()
+    winner.send_signal(signal.SIGTERM)
+    winner.wait(20)
