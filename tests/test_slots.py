@@ -165,7 +165,10 @@ def fire_hosts(
             CRONGUARD_HOST_ID=f"host{host}",
         ))
     for process in processes:
-        process.wait(60)
+        process.wait(120)
+    failed = [(p.returncode, p.stderr.read() if p.stderr else "")
+              for p in processes if p.returncode]
+    assert not failed, failed
     return processes
 
 
@@ -213,7 +216,8 @@ def test_skewed_hosts_run_each_two_second_slot_exactly_once(
 ) -> None:
     processes = fire_hosts(
         cronguard, client, key, tmp_path, job, every_ms=2 * SECOND,
-        offsets_ms=[-400, -100, 450], slots=5, extra=("--tolerance", "500ms"),
+        offsets_ms=[-400, -100, 450], slots=5,
+        extra=("--tolerance", "500ms", "--lease", "10s"),
     )
     assert all(p.returncode == 0 for p in processes)
     check_one_run_per_slot(client, key, tmp_path, processes)
@@ -225,7 +229,7 @@ def test_one_second_slots_with_default_tolerance(
 ) -> None:
     processes = fire_hosts(
         cronguard, client, key, tmp_path, job, every_ms=SECOND,
-        offsets_ms=[-80, 30, 250], slots=5,
+        offsets_ms=[-80, 30, 250], slots=5, extra=("--lease", "10s"),
     )
     assert all(p.returncode == 0 for p in processes)
     check_one_run_per_slot(client, key, tmp_path, processes)
@@ -314,8 +318,9 @@ def test_the_previous_run_still_going_skips_the_slot(
 ) -> None:
     ready = tmp_path / "ready"
     away_from_boundary(client, SECOND, 700)
-    first = cronguard.start("--every", "1s", "--key", key, "--",
-                            *job, "ready", str(ready), "sleep", "2.5")
+    # The first run goes on until the test stops it.
+    first = cronguard.start("--every", "1s", "--lease", "10s", "--key", key, "--",
+                            *job, "ready", str(ready), "sleep", "60")
     wait_until(ready.exists, what="the first run")
     away_from_boundary(client, SECOND, 900)  # now in a later slot
     second = cronguard("-v", "--every", "1s", "--key", key, "--",
@@ -323,7 +328,8 @@ def test_the_previous_run_still_going_skips_the_slot(
     assert second.returncode == 0
     assert "the previous run is still going" in second.stderr
     assert not (tmp_path / "second.json").exists()
-    assert first.wait(10) == 0
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(20) == 128 + signal.SIGTERM
     skipped = [e for _, e in events(client, key) if e["event"] == "skipped"]
     assert skipped and skipped[0]["reason"] == "overlap"
 
@@ -334,8 +340,9 @@ def test_overlap_allow_runs_the_next_slot_alongside(
 ) -> None:
     ready, second = tmp_path / "ready", tmp_path / "second.json"
     away_from_boundary(client, SECOND, 700)
-    first = cronguard.start("--every", "1s", "--overlap", "allow", "--key", key,
-                            "--", *job, "ready", str(ready), "sleep", "2.5")
+    first = cronguard.start("--every", "1s", "--overlap", "allow", "--lease", "10s",
+                            "--key", key, "--", *job, "ready", str(ready),
+                            "sleep", "60")
     wait_until(ready.exists, what="the first run")
     away_from_boundary(client, SECOND, 900)
     result = cronguard("--every", "1s", "--overlap", "allow", "--key", key, "--",
@@ -343,7 +350,8 @@ def test_overlap_allow_runs_the_next_slot_alongside(
     assert result.returncode == 0, result.stderr
     assert first.poll() is None, "the first run should still be going"
     assert read_env(second) is not None
-    assert first.wait(10) == 0
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(20) == 128 + signal.SIGTERM
 
 
 # Standby and takeover
@@ -420,19 +428,20 @@ def test_standbys_exit_quietly_when_the_winner_finishes(
     cronguard: Cronguard, client: redis.Redis, key: str, tmp_path: Path,
     job: list[str],
 ) -> None:
-    away_from_boundary(client, 3600 * SECOND, 60 * SECOND)
-    ready = tmp_path / "ready"
-    winner = cronguard.start("--every", "1h", "--lease", "1s", "--key", key, "--",
-                             *job, "ready", str(ready), "sleep", "2.5",
-                             CRONGUARD_HOST_ID="a")
-    wait_until(ready.exists, what="the winner's command")
-    standby = cronguard("--every", "1h", "--lease", "1s", "--standby", "30s",
-                        "--key", key, "--", *job, "env", str(tmp_path / "b.json"),
-                        CRONGUARD_HOST_ID="b")
-    assert winner.wait(10) == 0
-    assert standby.returncode == 0 and standby.stderr == ""
+    winner, _ = start_winner(cronguard, client, key, tmp_path, job)
+    standby = cronguard.start(
+        "--every", "1h", "--lease", "1s", "--standby", "60s", "--key", key, "--",
+        *job, "env", str(tmp_path / "b.json"), CRONGUARD_HOST_ID="b")
+    wait_until(lambda: client.hexists(f"cronguard:{{{key}}}:skips", "b"),
+               what="the standby to lose")
+    # The winner's run ends (stopped, so failed: it ran all the same).
+    winner.send_signal(signal.SIGTERM)
+    assert winner.wait(20) == 128 + signal.SIGTERM
+    assert standby.wait(20) == 0
+    assert standby.stderr is not None and standby.stderr.read() == ""
     assert not (tmp_path / "b.json").exists()
     assert [e["event"] for _, e in events(client, key)] == ["started", "finished"]
+    assert slot_record(client, key)["state"] == "failed"
 
 
 def test_without_a_standby_a_killed_slot_is_skipped_not_run_twice(
@@ -461,19 +470,17 @@ def test_a_standby_does_not_take_over_while_the_holder_renews(
     cronguard: Cronguard, client: redis.Redis, key: str, tmp_path: Path,
     job: list[str],
 ) -> None:
-    away_from_boundary(client, 3600 * SECOND, 60 * SECOND)
-    ready = tmp_path / "ready"
-    winner = cronguard.start("--every", "1h", "--lease", "1s", "--key", key,
-                             "--", *job, "ready", str(ready), "sleep", "4",
-                             CRONGUARD_HOST_ID="a")
-    wait_until(ready.exists, what="the winner's command")
+    winner, _ = start_winner(cronguard, client, key, tmp_path, job)
     # Several lease lengths of standing by, and none of them a takeover.
-    standby = cronguard("--every", "1h", "--lease", "1s", "--standby", "2500ms",
+    standby = cronguard("-v", "--every", "1h", "--lease", "1s", "--standby", "3s",
                         "--key", key, "--", *job, "env", str(tmp_path / "b.json"),
                         CRONGUARD_HOST_ID="b")
     assert standby.returncode == 0
+    assert "standby ended; slot" in standby.stderr
     assert not (tmp_path / "b.json").exists()
-    assert winner.wait(10) == 0
+    assert winner.poll() is None
+    winner.send_signal(signal.SIGTERM)
+    assert winner.wait(20) == 128 + signal.SIGTERM
 
 
 # Bad input
