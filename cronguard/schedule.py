@@ -39,6 +39,9 @@ MIN_INTERVAL = 0.1
 # Cron's finest step is a minute; the shortest gap of any five-field expression.
 CRON_STEP = 60.0
 
+# Corrections of a reverse step that a daylight-saving change may need.
+_MAX_STEPS = 8
+
 ALIASES = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -178,13 +181,30 @@ class CronSchedule:
 
     def fire_at_or_before(self, at_ms: int) -> int:
         """The last fire time at or before ``at_ms``."""
+        return self.slot_at(at_ms).start_ms
+
+    def _reverse(self, at_ms: int) -> int:
         # Reversed, CronSim starts one second before its whole-second moment.
         return _ms(next(self._iterate(at_ms // 1000 * 1000 + 1000, reverse=True)))
 
     def slot_at(self, at_ms: int, tolerance_ms: int = 0) -> Slot:
+        """The slot that ``at_ms`` falls in, ``tolerance_ms`` early."""
         moment = at_ms + tolerance_ms
-        start = self.fire_at_or_before(moment)
-        return Slot(start, self.fire_after(start))
+        start = self._reverse(moment)
+        # WARNING: CronSim reads a fixed-time expression on the naive wall
+        # clock, so going backwards through the hour that autumn repeats it
+        # can stop one fire time short (02:30 of the day before, at 02:00 of
+        # the second pass).  Going forwards is right; walk on from there.
+        for _ in range(_MAX_STEPS):
+            if start <= moment:
+                break
+            start = self._reverse(start - 1000)
+        end = self.fire_after(start)
+        for _ in range(_MAX_STEPS):
+            if end > moment:
+                break
+            start, end = end, self.fire_after(end)
+        return Slot(start, end)
 
     def boundaries(self, around_ms: int, margin_ms: int, limit: int = 64) -> list[int]:
         """Consecutive fire times covering ``around_ms +- margin_ms``.

@@ -220,3 +220,23 @@ def test_a_duration_parses_or_fails_with_a_message(text: str) -> None:
         assert "is not a duration" in str(exc)
     else:
         assert value >= 0
+
+
+@pytest.mark.parametrize("expression", ["30 2 * * *", "*/30 * * * *", "0 * * * *",
+                                        "15 1-3 * * *", "0 2 * * *"])
+@pytest.mark.parametrize("day", [(2026, 3, 28), (2026, 10, 24)],
+                         ids=["spring", "autumn"])
+def test_slots_tile_time_across_a_dst_change(
+    expression: str, day: tuple[int, int, int]
+) -> None:
+    """Every five minutes of two days around a change, the slot holds the
+    moment, and consecutive slots meet without a gap or an overlap."""
+    schedule = CronSchedule(expression, BERLIN)
+    start = ms(*day, zone=BERLIN)
+    previous: Slot | None = None
+    for at in range(start, start + 2 * 86_400_000, 300_000):
+        slot = schedule.slot_at(at)
+        assert slot.start_ms <= at < slot.end_ms
+        if previous is not None and slot != previous:
+            assert slot.start_ms == previous.end_ms
+        previous = slot
