@@ -53,6 +53,25 @@ class _ImpliedRun(TyperGroup):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
+    def shell_complete(
+        self, ctx: click.Context, incomplete: str
+    ) -> list[click.shell_completion.CompletionItem]:
+        """Offer run's options too at the first word, where ``run`` is implied.
+
+        Once a word is typed, parse_args above has already routed completion
+        to ``run``; only the first word is completed against the group.
+        """
+        items = super().shell_complete(ctx, incomplete)
+        run = self.commands.get("run")
+        if run is not None and incomplete.startswith("-"):
+            seen = {item.value for item in items}
+            items += [
+                item
+                for item in run.shell_complete(ctx, incomplete)
+                if item.value not in seen
+            ]
+        return items
+
 
 app = typer.Typer(
     cls=_ImpliedRun,
