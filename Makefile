@@ -22,6 +22,8 @@ lint: $(BIN)/cronguard
 
 bench: $(BIN)/cronguard
 	$(BIN)/python bench/overhead
+	$(BIN)/python bench/takeover
+	$(BIN)/python bench/claim
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

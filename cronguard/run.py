@@ -60,6 +60,10 @@ def run(settings: RunSettings, environ: Mapping[str, str] | None = None) -> int:
 def _run(
     settings: RunSettings, environ: Mapping[str, str], store: Store, relay: SignalRelay
 ) -> int:
+    if settings.slot is not None:
+        from .slots import run_slot
+
+        return run_slot(settings, environ, store, relay)
     key = settings.key
     lease = _lease_class(store)(store, key, settings.ttl, renew=settings.renew)
     try:

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cronguard import __version__
-from cronguard.cli import app, main
+from cronguard.cli import main
+from cronguard.cli_admin import app
 from cronguard.config import load_file
 from cronguard.errors import UsageError
 from cronguard.keys import derive_key, validate_key
@@ -119,3 +120,10 @@ def test_passwords_are_redacted() -> None:
     assert redact("rediss://user:s3cret@host/1") == "rediss://user:***@host/1"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
     assert redact("unix:///run/redis.sock") == "unix:///run/redis.sock"
+
+
+def test_the_hot_path_knows_every_subcommand() -> None:
+    from cronguard.cli import SUBCOMMANDS
+
+    registered = {info.name for info in app.registered_commands}
+    assert registered == set(SUBCOMMANDS)

@@ -30,7 +30,8 @@ import pytest
 import typer
 from servers import RedisServer
 
-from cronguard.cli import app, click
+from cronguard.cli import click
+from cronguard.cli_admin import app
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man" / "cronguard.1"

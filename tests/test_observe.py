@@ -436,7 +436,7 @@ def test_syslog_without_a_socket_fails_before_taking_the_lease(
 def test_every_option_has_help_an_env_var_and_docs(name: str) -> None:
     import typer
 
-    from cronguard.cli import app
+    from cronguard.cli_admin import app
 
     root = Path(__file__).parent.parent
     man = (root / "man" / "cronguard.1").read_text().replace("\\-", "-")

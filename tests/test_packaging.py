@@ -5,16 +5,23 @@ temporary directory, then run with the system's Python, outside any virtual
 environment and with nothing of the checkout on its path, against a Redis
 the fixtures started.  The job it runs is the fixture program, so what it
 records shows that the artefact ran it under a lease, and a second run shows
-the lease held.  These tests build packages and are marked ``slow``.
+the lease held.  Both artefacts claim to hold no compiled code (the .deb is
+``Architecture: all``, the zipapp is for any CPython from 3.11 on): the tests
+look inside them for extension modules and run them with every other CPython
+3.11 or later that the machine has as well.  These tests build packages and
+are marked ``slow``.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,6 +79,66 @@ def system_python_version() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+def other_cpythons() -> list[str]:
+    """Every CPython 3.11 or later here but the system's, by real path.
+
+    Looked for as ``python3.N`` on PATH and among pyenv's versions.  A
+    ``python3.N`` may be a version manager's shim that needs this process's
+    environment, so each is asked for its own executable, which runs as it is.
+    """
+    candidates = [shutil.which(f"python3.{minor}") for minor in range(11, 20)]
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += [str(path) for path in pyenv.glob("versions/*/bin/python3")]
+    system = os.path.realpath(SYSTEM_PYTHON)
+    found: set[str] = set()
+    for candidate in filter(None, candidates):
+        done = subprocess.run(
+            [
+                candidate,
+                "-c",
+                "import sys; print(sys.implementation.name, "
+                "*sys.version_info[:2], sys.executable)",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if done.returncode != 0:
+            continue
+        implementation, major, minor, executable = done.stdout.split(maxsplit=3)
+        real = os.path.realpath(executable.strip())
+        if implementation == "cpython" and (int(major), int(minor)) >= (3, 11):
+            found.add(real)
+    found.discard(system)
+    return sorted(found)
+
+
+@pytest.fixture(scope="session")
+def other_pythons() -> list[str]:
+    pythons = other_cpythons()
+    if not pythons:
+        pytest.skip("no CPython 3.11 or later here besides the system's")
+    return pythons
+
+
+def assert_each_python_runs_one_job(
+    pythons: list[str],
+    command_for: Callable[[str], list[str]],
+    env: dict[str, str],
+    key: str,
+    tmp_path: Path,
+) -> None:
+    """assert_runs_one_job for each Python, with a key and directory apiece."""
+    for number, python in enumerate(pythons):
+        scratch = tmp_path / str(number)
+        scratch.mkdir()
+        assert_runs_one_job(command_for(python), env, f"{key}-{number}", scratch)
+
+
+# Extension modules: what would tie an artefact to one platform and Python.
+COMPILED = re.compile(r"\.(so|pyd|dylib)$|\.so\.")
+
+
 def assert_runs_one_job(
     command: list[str], env: dict[str, str], key: str, tmp_path: Path
 ) -> None:
@@ -102,19 +169,14 @@ def zipapp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     system = system_python_version()
     if system is None:
         pytest.skip(f"no system Python at {SYSTEM_PYTHON} to run the zipapp with")
-    if system != sys.version_info[:2]:
-        # The zipapp holds pydantic-core built for the Python that built it.
-        pytest.skip(
-            f"the system Python is {system[0]}.{system[1]}, this one is "
-            f"{sys.version_info[0]}.{sys.version_info[1]}: a zipapp built here "
-            "would not run there"
-        )
+    # Built with this Python, run with the system's and any other here: the
+    # zipapp holds no compiled code, so whichever CPython built it is no matter.
     return build("zipapp", tmp_path_factory.mktemp("zipapp"))
 
 
 @pytest.fixture(scope="session")
-def deb_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built .deb, unpacked with dpkg-deb -x; the tree holds usr/."""
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built .deb."""
     missing = [
         tool
         for tool in ("dpkg-buildpackage", "dh", "dh_python3", "dpkg-deb")
@@ -127,9 +189,13 @@ def deb_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     if system_python_version() is None:
         pytest.skip(f"no system Python at {SYSTEM_PYTHON}; run: packaging/deps deb")
-    directory = tmp_path_factory.mktemp("deb")
-    deb = build("deb", directory)
-    tree = directory / "root"
+    return build("deb", tmp_path_factory.mktemp("deb"))
+
+
+@pytest.fixture(scope="session")
+def deb_tree(deb: Path) -> Path:
+    """The built .deb, unpacked with dpkg-deb -x; the tree holds usr/."""
+    tree = deb.parent.parent / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
     return tree
 
@@ -211,3 +277,61 @@ def test_deb_bash_completion_file_completes(deb_tree: Path, tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["--redis-timeout"]
+
+
+def test_zipapp_holds_no_compiled_code(zipapp: Path) -> None:
+    with zipfile.ZipFile(zipapp) as archive:
+        names = archive.namelist()
+    assert not [name for name in names if COMPILED.search(name)]
+    assert not [name for name in names if "pydantic" in name]
+    # The dependencies are really in it, not fetched at run time.
+    assert any(name.endswith("site-packages/redis/__init__.py") for name in names)
+
+
+def test_zipapp_runs_a_job_with_every_other_cpython(
+    zipapp: Path,
+    other_pythons: list[str],
+    private_redis: RedisServer,
+    key: str,
+    tmp_path: Path,
+) -> None:
+    env = system_env(tmp_path, private_redis)
+    assert_each_python_runs_one_job(
+        other_pythons, lambda python: [python, str(zipapp)], env, key, tmp_path
+    )
+
+
+def test_deb_is_for_every_architecture_and_python3(deb: Path) -> None:
+    assert deb.name.endswith("_all.deb")
+    fields = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Architecture", "Depends"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Architecture: all\n" in fields
+    depends = fields.split("Depends:", 1)[1]
+    assert "python3 (>= 3.11)" in depends
+    assert "<<" not in depends, "an upper bound on python3 would need a reason"
+
+
+def test_deb_holds_no_compiled_code(deb_tree: Path) -> None:
+    files = [path for path in deb_tree.rglob("*") if path.is_file()]
+    assert not [path for path in files if COMPILED.search(path.name)]
+    assert not list((deb_tree / "usr/lib/cronguard").glob("pydantic*"))
+
+
+def test_deb_command_runs_a_job_with_every_other_cpython(
+    deb_tree: Path,
+    other_pythons: list[str],
+    private_redis: RedisServer,
+    key: str,
+    tmp_path: Path,
+) -> None:
+    # The launcher, run by another interpreter than its shebang's: the private
+    # directory serves any python3 the package's Depends allows.
+    env = system_env(tmp_path, private_redis)
+    launcher = str(deb_tree / "usr/bin/cronguard")
+    assert_each_python_runs_one_job(
+        other_pythons, lambda python: [python, "-I", launcher], env, key, tmp_path
+    )

@@ -55,6 +55,12 @@ def lease_key(key: str) -> str:
         ),
         (["--min-replicas", "-1"], "--min-replicas (CRONGUARD_MIN_REPLICAS): -1"),
         (
+            ["--every", "10s", *[f"--redis=redis://127.0.0.1:{p}/0"
+                                 for p in (1, 2, 3)]],
+            "slot mode (--every, --schedule) needs one store, not a quorum",
+        ),
+        (["--every", "10s", "--min-replicas", "1"], "applies to TTL-window runs"),
+        (
             ["--redis", "redis://127.0.0.1:1/0 redis+cluster://127.0.0.1:2 "
              "redis://127.0.0.1:3/0"],
             "give each as redis://, rediss:// or unix://",
