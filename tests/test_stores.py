@@ -494,3 +494,21 @@ def test_a_wrong_data_password_through_sentinel_is_not_printed(
                        CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
     assert result.returncode == 75
     assert "not-the-one" not in result.stderr and "***" in result.stderr
+
+
+def test_a_cluster_runs_as_the_restricted_user_with_the_slot_map_grants(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path, cluster: Cluster,
+) -> None:
+    rules = ACL_LINE.format(password=DATA_SECRET).split()[1:]
+    for node in cluster.nodes:  # ACLs are per node, even in a cluster
+        node.client().acl_setuser(
+            "cronguard", reset=True, enabled=True, passwords=[f"+{DATA_SECRET}"],
+            keys=["cronguard:*"], commands=[*rules[5:], "+cluster|slots", "+command"],
+        )
+    runs = tmp_path / "runs"
+    hosts = cluster.url.partition("://")[2]
+    result = cronguard("--key", key, "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=f"redis+cluster://cronguard@{hosts}",
+                       CRONGUARD_REDIS_PASSWORD=DATA_SECRET)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert len(lines(runs)) == 1
