@@ -121,12 +121,14 @@ def test_sentinel_primary_killed_during_a_run(
     assert status in (0, 76)
 
 
+@pytest.mark.parametrize("failover", ["forced", "killed"])
 def test_sentinel_failover_during_acquisitions_with_min_replicas(
     cronguard_bin: str, env: dict[str, str], job: list[str], key: str,
-    tmp_path: Path, sentinels: SentinelSet,
+    tmp_path: Path, sentinels: SentinelSet, failover: str,
 ) -> None:
     """Pairs of hosts race for fresh keys while the primary changes: each key
     runs at most once, and every lease that counted survives the failover."""
+    old = sentinels.current_primary()
 
     def fire(round_: int) -> int:
         command = [cronguard_bin, "--key", f"{key}-{round_}", "--ttl", "30",
@@ -139,9 +141,11 @@ def test_sentinel_failover_during_acquisitions_with_min_replicas(
     won: list[int] = []
     with ThreadPoolExecutor(2) as pool:
         for round_ in range(6):
-            if round_ == 2:
+            if round_ == 2 and failover == "forced":
                 sentinels.sentinel_client().execute_command(
                     "SENTINEL", "FAILOVER", sentinels.service)
+            elif round_ == 2:
+                old.kill()
             statuses = list(pool.map(fire, [round_, round_]))
             runs = lines(tmp_path / f"runs{round_}")
             assert len(runs) == statuses.count(0) <= 1, statuses
@@ -149,7 +153,9 @@ def test_sentinel_failover_during_acquisitions_with_min_replicas(
             if 0 in statuses:
                 won.append(round_)
     assert won, "no round ran at all"
-    sentinels.wait_settled()
+    wait_for(lambda: sentinels.current_primary() is not old
+             and is_primary(sentinels.current_primary()), timeout=30,
+             what="the new primary")
     primary = sentinels.current_primary().client()
     for round_ in won:
         assert primary.exists(lease_key(f"{key}-{round_}")), f"round {round_} lost"
