@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -308,7 +309,10 @@ def test_a_later_slot_runs_again_with_a_greater_fence(
                          *job, "env", str(path)).returncode == 0
         envs.append(read_env(path))
     assert envs[0] and envs[1]
-    assert envs[0]["CRONGUARD_SLOT"] < envs[1]["CRONGUARD_SLOT"]
+    # Whole seconds carry no fraction ("...:05Z" then "...:05.500Z"), so the
+    # strings do not sort: compare the moments.
+    slots = [datetime.fromisoformat(env["CRONGUARD_SLOT"]) for env in envs]
+    assert slots[0] < slots[1]
     assert int(envs[0]["CRONGUARD_FENCE"]) < int(envs[1]["CRONGUARD_FENCE"])
 
 
