@@ -123,6 +123,7 @@ class Lease:
         self.deadline: float | None = None  # monotonic; None while not held
         self.lost_reason: str | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._renewed: list[Callable[[float], None]] = []
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
 
@@ -195,6 +196,12 @@ class Lease:
     def renew(self) -> None:
         """Extend the lease to ``ttl`` from now; raise ``LeaseLost`` if not ours."""
         sent = time.monotonic()
+        # Past the local deadline the lease is lost, even if the server still
+        # has the key (its expiry is a little later than ours): renewing now
+        # would revive a lease this run has already stopped trusting.  This
+        # is what a holder that was frozen (SIGSTOP, a stalled VM) meets first
+        # when it wakes up.
+        self.check()
         extended = self.store.eval(
             scripts.RENEW, [self.lease_key], [self.token, self.ttl_ms]
         )
@@ -203,6 +210,8 @@ class Lease:
             raise LeaseLost(self.key, self.lost_reason or "")
         if self.lost_reason is None:
             self.deadline = sent + self.ttl
+            for listener in self._renewed:
+                listener(self.deadline)
         log.info("%s: renewed for %s", self.key, format_duration(self.ttl))
 
     def release(
@@ -261,6 +270,10 @@ class Lease:
         """Call ``listener`` (from the keeper thread) when the lease is lost."""
         self._listeners.append(listener)
 
+    def on_renew(self, listener: Callable[[float], None]) -> None:
+        """Call ``listener`` with the new monotonic deadline after each renewal."""
+        self._renewed.append(listener)
+
     def _lose(self, reason: str) -> None:
         if self.lost_reason is None:
             self.lost_reason = reason
@@ -280,10 +293,18 @@ class Lease:
         )
         self._keeper.start()
 
-    def stop_keeping(self) -> None:
+    def stop_keeping(self, *, wait: bool = True) -> None:
+        """Stop renewing; with ``wait``, return only once no renewal is in flight.
+
+        Waiting matters while the lease is held: a renewal that lands after
+        the release would stretch the lease again.  Once the lease is lost
+        there is nothing left to stretch, and a renewal stuck on an unreachable
+        store must not delay the exit by up to three times --redis-timeout.
+        """
         self._stop.set()
         if self._keeper is not None:
-            self._keeper.join()
+            if wait:
+                self._keeper.join()
             self._keeper = None
 
     def _keep(self) -> None:
