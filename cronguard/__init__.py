@@ -30,7 +30,19 @@ _EXPORTS = {
     "parse_duration": "durations",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "CronguardError",
+    "Holder",
+    "Lease",
+    "LeaseHeld",
+    "LeaseLost",
+    "Store",
+    "StoreError",
+    "StoreSettings",
+    "UsageError",
+    "__version__",
+    "parse_duration",
+]
 
 if TYPE_CHECKING:
     from .durations import parse_duration

@@ -15,13 +15,9 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+from typer import _click as click  # the copy of click that typer carries
+from typer._click.core import ParameterSource
 from typer.core import TyperGroup
-
-try:  # typer 0.22 and later carry their own copy of click
-    from typer import _click as click
-except ImportError:  # pragma: no cover - older typer depends on click
-    import click  # type: ignore[no-redef]
-ParameterSource = click.core.ParameterSource
 
 from . import __version__
 from . import log as logsetup
@@ -305,7 +301,7 @@ def _reported(debug: bool) -> Iterator[None]:
     except CronguardError as exc:
         log.error("%s", exc, exc_info=debug)
         raise typer.Exit(exc.exit_status) from None
-    except (typer.Exit, click.exceptions.Exit):
+    except typer.Exit:
         raise
     except Exception as exc:
         log.error(
@@ -325,9 +321,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         status = command.main(args=args, prog_name="cronguard", standalone_mode=False)
     except click.ClickException as exc:
-        hint = f"; see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) else ""
+        context = getattr(exc, "ctx", None)
+        hint = f"; see '{context.command_path} --help'" if context else ""
         log.error("%s%s", exc.format_message().replace("\n", " "), hint)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)

@@ -110,9 +110,13 @@ def integer(option: str, value: Any, low: int, high: int) -> int:
         if isinstance(value, bool) or str(number) != str(value).strip():
             raise ValueError
     except (TypeError, ValueError):
-        raise UsageError(f"{describe(option)}: {value!r} is not a whole number") from None
+        raise UsageError(
+            f"{describe(option)}: {value!r} is not a whole number"
+        ) from None
     if not low <= number <= high:
-        raise UsageError(f"{describe(option)}: {number} is not between {low} and {high}")
+        raise UsageError(
+            f"{describe(option)}: {number} is not between {low} and {high}"
+        )
     return number
 
 
@@ -150,7 +154,9 @@ def read_password_file(path: str) -> str:
     return password
 
 
-def store_settings(values: Mapping[str, Any], environ: Mapping[str, str]) -> StoreSettings:
+def store_settings(
+    values: Mapping[str, Any], environ: Mapping[str, str]
+) -> StoreSettings:
     """The store settings from option values (already merged with the file)."""
     url = values.get("redis") or environ.get("REDIS_URL") or DEFAULT_URL
     password = values.get("redis-password") or environ.get("CRONGUARD_REDIS_PASSWORD")
@@ -215,7 +221,9 @@ class RunSettings:
             wait=duration("wait", values.get("wait", 0)),
             timeout=optional_duration("timeout", values.get("timeout")),
             kill_after=duration("kill-after", values.get("kill-after", "10s")),
-            on_lost=choice("on-lost", values.get("on-lost", "term"), ("term", "ignore")),
+            on_lost=choice(
+                "on-lost", values.get("on-lost", "term"), ("term", "ignore")
+            ),
             on_error=choice(
                 "on-error", values.get("on-error", "fail"), ("fail", "skip", "run")
             ),

@@ -1,4 +1,4 @@
-"""Durations as operators write them: ``500ms``, ``55``, ``55s``, ``5m``, ``1h30m``, ``1d``.
+"""Durations as operators write them: ``500ms``, ``55``, ``5m``, ``1h30m``, ``1d``.
 
 A bare number counts seconds, so ``--ttl 55`` keeps meaning what it means in
 every crontab that already says it.

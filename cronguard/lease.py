@@ -245,9 +245,9 @@ class Lease:
             log.info("%s: not released: it was no longer held by this run", self.key)
         return float(left_ms) / 1000 if left_ms >= 0 else -1.0
 
-    def hold(self, **fields: object) -> float:
+    def hold(self, event: str = "finished", **fields: object) -> float:
         """Release, but not before ``ttl`` has passed since acquisition."""
-        return self.release(hold=self.ttl, **fields)
+        return self.release(hold=self.ttl, event=event, **fields)
 
     def _fields(self, event: str, **fields: object) -> list[str]:
         """Flat field/value pairs of a run event."""
@@ -260,9 +260,9 @@ class Lease:
 
     def check(self) -> None:
         """Raise ``LeaseLost`` if the lease is lost or its deadline has passed."""
-        if self.lost_reason is None and self.deadline is not None:
-            if time.monotonic() >= self.deadline:
-                self._lose("it expired before a renewal succeeded")
+        deadline = self.deadline
+        if self.lost_reason is None and deadline and time.monotonic() >= deadline:
+            self._lose("it expired before a renewal succeeded")
         if self.lost_reason is not None:
             raise LeaseLost(self.key, self.lost_reason)
 
@@ -349,6 +349,7 @@ class Lease:
             return
         status = "0" if exc_type is None else exc_type.__name__
         try:
-            self.release(hold=self.ttl if self.hold_on_exit else 0.0, status=status)
+            self.release(hold=self.ttl if self.hold_on_exit else 0.0,
+                         status=status)
         except StoreError as error:
             log.warning("%s: could not give the lease back: %s", self.key, error)

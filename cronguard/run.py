@@ -113,11 +113,13 @@ def _supervise(
     return outcome
 
 
-def _give_back(lease: Lease, *, release: bool, **event: object) -> None:
+def _give_back(
+    lease: Lease, *, release: bool, event: str = "finished", **fields: object
+) -> None:
     """Release the lease or shorten it to its minimum hold, and record how the
     run ended; a failure here is logged and never changes the exit status."""
     try:
-        lease.release(hold=0.0 if release else lease.ttl, **event)
+        lease.release(hold=0.0 if release else lease.ttl, event=event, **fields)
     except StoreError as exc:
         log.warning("%s: could not give the lease back, it expires by itself: %s",
                     lease.key, exc)

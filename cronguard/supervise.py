@@ -300,11 +300,13 @@ class Supervisor:
                 preexec_fn=_set_parent_death_signal(os.getpid()),
             )
         except FileNotFoundError as exc:
-            raise CommandNotFound(f"{self.argv[0]}: command not found ({exc.strerror})")
-        except PermissionError as exc:
-            raise CommandNotExecutable(f"{self.argv[0]}: cannot execute ({exc.strerror})")
-        except OSError as exc:
-            raise CommandNotExecutable(f"{self.argv[0]}: cannot execute ({exc.strerror})")
+            raise CommandNotFound(
+                f"{self.argv[0]}: command not found ({exc.strerror})"
+            ) from None
+        except OSError as exc:  # EACCES, ENOEXEC, EISDIR ...
+            raise CommandNotExecutable(
+                f"{self.argv[0]}: cannot execute ({exc.strerror})"
+            ) from None
         self.relay.group = process.pid
         log.debug("%s: started %s as pid %d", self.key, self.argv[0], process.pid)
         # A signal that arrived while the lease was being acquired is due now.
@@ -328,7 +330,8 @@ class Supervisor:
             if watch_lease and self.lease is not None and stopping is None:
                 lost = self._lease_lost()
                 if lost is not None:
-                    log.error("%s: lease lost while the command ran: %s", self.key, lost)
+                    log.error("%s: lease lost while the command ran: %s",
+                              self.key, lost)
                     if self.on_lost == "term":
                         stopping, kill_at = "lost", self._stop(pid, now)
                     watch_lease = False

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from servers import RedisServer
 
 JOB = str(Path(__file__).with_name("job.py"))

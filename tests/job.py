@@ -48,8 +48,8 @@ def main(steps: list[str]) -> int:
                 with open(path, "a") as handle:
                     handle.write(signal.Signals(signum).name + "\n")
 
-            for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2"):
-                signal.signal(getattr(signal, name), note)
+            for name in ("TERM", "INT", "HUP", "QUIT", "USR1", "USR2"):
+                signal.signal(getattr(signal, f"SIG{name}"), note)
         elif step == "ignore-term":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         elif step == "spawn":
