@@ -308,8 +308,18 @@ class Lease:
             self._keeper = None
 
     def _keep(self) -> None:
+        # Renewals fall due a third of the way into the lease as the local
+        # deadline counts it, not a third after the last reply: the time spent
+        # starting the command and waiting for answers is already gone from
+        # the lease, and on a slow link it would otherwise eat the margin.
         interval = self.ttl / 3
-        next_at = time.monotonic() + interval
+
+        def due() -> float:
+            if self.deadline is None:
+                return time.monotonic() + interval
+            return self.deadline - self.ttl + interval
+
+        next_at = due()
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             try:
                 self.renew()
@@ -326,7 +336,7 @@ class Lease:
                 # Try again soon, but leave the deadline to the supervisor.
                 next_at = time.monotonic() + min(interval / 2, left / 2, 1.0)
                 continue
-            next_at = time.monotonic() + interval
+            next_at = due()
         # Stopped by stop_keeping().
 
     # Context manager

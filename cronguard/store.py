@@ -88,8 +88,12 @@ class Store:
             socket_connect_timeout=settings.timeout,
             retry=Retry(_BACKOFF, RETRIES),
             retry_on_error=[redis.exceptions.BusyLoadingError],
-            # No CLIENT SETINFO in the handshake: every firing on every host
-            # opens a fresh connection, and each command there is a round trip.
+            # No handshake at all: every firing on every host opens a fresh
+            # connection, and each command there is a round trip.  RESP2 needs
+            # no HELLO (redis-py 8 would send one for RESP3), and no CLIENT
+            # SETINFO.  On a slow link the handshake is also lease time lost:
+            # the deadline starts before the connection is made.
+            protocol=2,
             lib_name=None,
             lib_version=None,
         )
