@@ -122,6 +122,8 @@ class Lease:
         self.since_ms: int | None = None
         self.deadline: float | None = None  # monotonic; None while not held
         self.lost_reason: str | None = None
+        # True when the lease ran out because the store stopped answering.
+        self.lost_silently = False
         self._listeners: list[Callable[[], None]] = []
         self._renewed: list[Callable[[float], None]] = []
         self._stop = threading.Event()
@@ -262,7 +264,7 @@ class Lease:
         """Raise ``LeaseLost`` if the lease is lost or its deadline has passed."""
         deadline = self.deadline
         if self.lost_reason is None and deadline and time.monotonic() >= deadline:
-            self._lose("it expired before a renewal succeeded")
+            self._lose("it expired before a renewal succeeded", silently=True)
         if self.lost_reason is not None:
             raise LeaseLost(self.key, self.lost_reason)
 
@@ -274,9 +276,10 @@ class Lease:
         """Call ``listener`` with the new monotonic deadline after each renewal."""
         self._renewed.append(listener)
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, *, silently: bool = False) -> None:
         if self.lost_reason is None:
             self.lost_reason = reason
+            self.lost_silently = silently
             log.warning("%s: lease lost: %s", self.key, reason)
             for listener in self._listeners:
                 listener()
@@ -329,7 +332,8 @@ class Lease:
                 deadline = self.deadline or 0.0
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self._lose(f"renewal failed until it expired: {exc}")
+                    self._lose(f"renewal failed until it expired: {exc}",
+                               silently=True)
                     return
                 log.warning("%s: renewal failed, lease ends in %s: %s",
                             self.key, format_duration(left), exc)

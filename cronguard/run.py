@@ -82,6 +82,10 @@ def _run(
     except (CommandNotFound, CommandNotExecutable) as exc:
         _give_back(lease, release=True, event="failed", status=exc.exit_status)
         raise
+    if lease.lost_silently:
+        # The store stopped answering for a whole lease: the lease has expired
+        # there, and another round of retries would only delay the exit.
+        return outcome.status
     _give_back(
         lease,
         release=settings.release or outcome.reason == "lost",

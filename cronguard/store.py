@@ -19,6 +19,12 @@ from .keys import redis_key
 
 log = logging.getLogger(__name__)
 
+def _has_module(name: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(name) is not None
+
+
 DEFAULT_URL = "redis://localhost:6379/0"
 SCHEMES = ("redis", "rediss", "unix")
 
@@ -27,6 +33,16 @@ SCHEMES = ("redis", "rediss", "unix")
 # cron slot at most about three times --redis-timeout.
 RETRIES = 2
 _BACKOFF = ExponentialBackoff(cap=0.4, base=0.1)
+
+# No CLIENT SETINFO in the handshake: every firing on every host opens a fresh
+# connection, and each command there is one more round trip.  redis-py 7.1 and
+# later take driver_info=None; earlier versions take lib_name/lib_version.
+QUIET_HANDSHAKE: dict[str, Any] = (
+    {"driver_info": None}
+    if hasattr(redis, "DriverInfo") or _has_module("redis.driver_info")
+    else {"lib_name": None, "lib_version": None}
+)
+
 
 def redact(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``."""
@@ -88,14 +104,11 @@ class Store:
             socket_connect_timeout=settings.timeout,
             retry=Retry(_BACKOFF, RETRIES),
             retry_on_error=[redis.exceptions.BusyLoadingError],
-            # No handshake at all: every firing on every host opens a fresh
-            # connection, and each command there is a round trip.  RESP2 needs
-            # no HELLO (redis-py 8 would send one for RESP3), and no CLIENT
-            # SETINFO.  On a slow link the handshake is also lease time lost:
-            # the deadline starts before the connection is made.
+            # RESP2 needs no HELLO (redis-py 8 would send one for RESP3): on a
+            # slow link the handshake is lease time lost, since the deadline
+            # starts before the connection is made.
             protocol=2,
-            lib_name=None,
-            lib_version=None,
+            **QUIET_HANDSHAKE,
         )
 
     def key(self, job: str, kind: str) -> str:

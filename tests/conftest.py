@@ -100,3 +100,15 @@ def cronguard(cronguard_bin: str, env: dict[str, str]) -> Cronguard:
 def job() -> list[str]:
     """The fixture program, ready to follow ``--``."""
     return [sys.executable, JOB]
+
+
+def wait_for(predicate: object, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout``."""
+    import time
+
+    assert callable(predicate)
+    until = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > until:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)

@@ -112,7 +112,11 @@ class RedisServer:
                 with self.client(socket_timeout=0.5) as client:
                     if client.ping():
                         return
+            except redis.AuthenticationError:
+                return  # it answers; it wants a password
             except (redis.ConnectionError, redis.ResponseError) as exc:
+                if "auth" in str(exc).lower():
+                    return
                 last = exc
             time.sleep(0.02)
         raise RuntimeError(f"redis-server on {self.port} did not come up: {last}")
