@@ -230,6 +230,69 @@ def run_command(
             help="Exit status when another host holds the lease.",
         ),
     ] = "0",
+    every: Annotated[
+        str | None,
+        _option(
+            "--every",
+            metavar="DURATION",
+            help="Slot mode: run once per slot of DURATION, counted from the "
+            "Unix epoch (sub-second allowed).",
+        ),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        _option(
+            "--schedule",
+            metavar="'CRON EXPR'",
+            help="Slot mode: run once per fire time of a five-field cron "
+            "expression or @hourly, @daily, @weekly, @monthly, @yearly.",
+        ),
+    ] = None,
+    tz: Annotated[
+        str | None,
+        _option(
+            "--tz",
+            metavar="ZONE",
+            help="Time zone of --schedule, an IANA name [default: the host's, "
+            "as cron uses].",
+        ),
+    ] = None,
+    tolerance: Annotated[
+        str | None,
+        _option(
+            "--tolerance",
+            metavar="DURATION",
+            help="A host firing up to this early still lands in the coming slot "
+            "[default: a tenth of the slot, at most 5s].",
+        ),
+    ] = None,
+    lease: Annotated[
+        str | None,
+        _option(
+            "--lease",
+            metavar="DURATION",
+            help="Slot mode: TTL of the renewed lease marking a run in progress "
+            "[default: the slot's length, within 1s..30s].",
+        ),
+    ] = None,
+    overlap: Annotated[
+        str,
+        _option(
+            "--overlap",
+            metavar="skip|allow",
+            help="Slot mode: when the previous slot's run is still going, skip "
+            "the new slot, or run it alongside.",
+        ),
+    ] = "skip",
+    standby: Annotated[
+        str | None,
+        _option(
+            "--standby",
+            metavar="DURATION",
+            help="Slot mode: a losing host waits this long and takes the slot "
+            "over if the winner's lease expires before its run ends.",
+        ),
+    ] = None,
     redis: Redis = None,
     redis_timeout: RedisTimeout = "2s",
     redis_password_file: RedisPasswordFile = None,
@@ -254,7 +317,9 @@ def run_command(
             )
         from .run import run
 
-        settings = RunSettings.build(command or [], values, os.environ)
+        settings = RunSettings.build(
+            command or [], values, os.environ, given=_on_command_line(ctx)
+        )
         return run(settings)
     return EXIT_INTERNAL  # not reached: _reported exits
 
@@ -280,6 +345,18 @@ def _values(ctx: click.Context) -> dict[str, Any]:
                 if name not in given:
                     values[name] = value
     return values
+
+
+def _on_command_line(ctx: click.Context) -> set[str]:
+    """Long names of the options given as flags (not by variable or file)."""
+    names = set()
+    for param in ctx.command.params:
+        if param.name and param.name != "command":
+            source = ctx.get_parameter_source(param.name)
+            if source is ParameterSource.COMMANDLINE:
+                long_names = [o for o in param.opts if o.startswith("--")]
+                names.add(long_names[0][2:] if long_names else param.name)
+    return names
 
 
 def _configure_logging(values: dict[str, Any]) -> None:

@@ -14,11 +14,14 @@ import os
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .durations import parse_duration
 from .errors import UsageError
 from .store import DEFAULT_URL, StoreSettings, url_has_password
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
 
 DEFAULT_PATH = "/etc/cronguard.toml"
 _SECRET_KEYS = ("redis", "redis-password")
@@ -195,6 +198,7 @@ class RunSettings:
     store: StoreSettings
     key_given: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    slot: SlotSettings | None = None  # slot mode when set
 
     @classmethod
     def build(
@@ -202,7 +206,10 @@ class RunSettings:
         command: list[str],
         values: Mapping[str, Any],
         environ: Mapping[str, str],
+        given: Iterable[str] = (),
     ) -> RunSettings:
+        """Check ``values``; ``given`` names the options set on the command
+        line, which must not contradict the mode."""
         from .keys import derive_key, validate_key
 
         if not command:
@@ -230,4 +237,126 @@ class RunSettings:
             skip_exit=integer("skip-exit", values.get("skip-exit", 0), 0, 255),
             store=store_settings(values, environ),
             key_given=bool(given_key),
+            slot=slot_settings(values, frozenset(given)),
         )
+
+
+# Slot mode
+
+# Options that only TTL-window mode has, with what to use in slot mode instead.
+_TTL_ONLY = {
+    "ttl": "slot mode holds a running lease of --lease (CRONGUARD_LEASE)",
+    "wait": "slot mode waits for the winner with --standby (CRONGUARD_STANDBY)",
+    "release": "slot mode always releases its lease when COMMAND ends",
+    "no-renew": "slot mode always renews its lease while COMMAND runs",
+}
+_SLOT_ONLY = ("tz", "tolerance", "lease", "overlap", "standby")
+MAX_DEFAULT_LEASE = 30.0
+MIN_DEFAULT_LEASE = 1.0
+
+
+@dataclass(frozen=True)
+class SlotSettings:
+    """The settings of slot mode (``--every`` or ``--schedule``), checked."""
+
+    schedule: Schedule
+    tolerance: float
+    lease: float
+    overlap: str
+    standby: float
+
+
+def default_lease(interval: float) -> float:
+    """A slot's running lease: a slot long, within 1 to 30 seconds.
+
+    A standby takes over within one lease after the holder dies, and a
+    crashed run blocks later slots (``--overlap skip``) as long; shorter is
+    quicker, but renewals come every third of it, so a store that stalls
+    for longer than the lease costs the run.
+    """
+    return min(max(interval, MIN_DEFAULT_LEASE), MAX_DEFAULT_LEASE)
+
+
+def slot_settings(
+    values: Mapping[str, Any], given: frozenset[str]
+) -> SlotSettings | None:
+    """Slot mode's settings, or None in TTL-window mode.
+
+    Options of the other mode are refused when given on the command line;
+    from the environment or the configuration file they are defaults shared
+    by many lines, and are ignored where they do not apply.
+    """
+    every, expression = values.get("every"), values.get("schedule")
+    if every in (None, "") and expression in (None, ""):
+        for option in _SLOT_ONLY:
+            if option in given:
+                raise UsageError(
+                    f"--{option} applies to slot mode only; add --every DURATION "
+                    "(CRONGUARD_EVERY) or --schedule 'CRON EXPR' (CRONGUARD_SCHEDULE)"
+                )
+        return None
+    for option, instead in _TTL_ONLY.items():
+        if option in given:
+            raise UsageError(
+                f"--{option} cannot be combined with --every or --schedule: "
+                f"{instead}; drop --{option}"
+            )
+    if every not in (None, "") and expression not in (None, ""):
+        raise UsageError(
+            "--every (CRONGUARD_EVERY) and --schedule (CRONGUARD_SCHEDULE) "
+            "both given; keep one of them"
+        )
+
+    from . import schedule as slots
+
+    zone = values.get("tz")
+    chosen: Schedule
+    if every not in (None, ""):
+        if zone not in (None, "") and "tz" in given:
+            raise UsageError(
+                "--tz applies to --schedule only: --every counts slots from the "
+                "Unix epoch in UTC; drop --tz"
+            )
+        try:
+            chosen = slots.Interval(duration("every", every))
+        except ValueError as exc:
+            raise UsageError(f"{describe('every')}: {every!r} {exc}") from None
+    else:
+        try:
+            tz = slots.zone_named(str(zone)) if zone not in (None, "") else None
+        except ValueError as exc:
+            raise UsageError(
+                f"{describe('tz')}: {exc}; give an IANA name such as "
+                "Europe/Berlin or UTC"
+            ) from None
+        try:
+            chosen = slots.CronSchedule(str(expression), tz)
+        except ValueError as exc:
+            raise UsageError(
+                f"{describe('schedule')}: {str(expression)!r} {exc}; write five "
+                "fields such as '*/5 * * * *', or @hourly"
+            ) from None
+
+    interval = chosen.shortest
+    tolerance = (
+        duration("tolerance", values["tolerance"])
+        if values.get("tolerance") not in (None, "")
+        else slots.default_tolerance(interval)
+    )
+    if tolerance >= interval / 2:
+        raise UsageError(
+            f"{describe('tolerance')}: {tolerance:g}s is not shorter than half a "
+            f"slot ({interval / 2:g}s); give a smaller tolerance"
+        )
+    lease = (
+        duration("lease", values["lease"], minimum=0.01)
+        if values.get("lease") not in (None, "")
+        else default_lease(interval)
+    )
+    return SlotSettings(
+        schedule=chosen,
+        tolerance=tolerance,
+        lease=lease,
+        overlap=choice("overlap", values.get("overlap") or "skip", ("skip", "allow")),
+        standby=duration("standby", values.get("standby") or 0),
+    )

@@ -55,6 +55,10 @@ def run(settings: RunSettings, environ: Mapping[str, str] | None = None) -> int:
 def _run(
     settings: RunSettings, environ: Mapping[str, str], store: Store, relay: SignalRelay
 ) -> int:
+    if settings.slot is not None:
+        from .slots import run_slot
+
+        return run_slot(settings, environ, store, relay)
     key = settings.key
     lease = Lease(store, key, settings.ttl, renew=settings.renew)
     try:

@@ -116,3 +116,174 @@ end
 return {left, record(KEYS[2], ARGV[3], 4, {})}
 """
 )
+
+# Slot mode.  A job's slot record (KEYS[1] below) is a hash describing the last
+# slot claimed: slot and end (ms of server time), state (running, done or
+# failed), holder (host:pid), token and fence of the current holder, started
+# and finished (ms), takeover (1 when a standby took the slot over), status
+# (the command's exit status) and skipped (the last slot skipped because the
+# previous slot's run was still going).  ms() renders a millisecond count
+# without the exponent that tostring() gives large numbers; keep() makes the
+# record live at least until server time ``at``.
+_SLOT_PRELUDE = """
+local function ms(n) return string.format('%.0f', n) end
+local function keep(now, at)
+  local left = at - now
+  if redis.call('PTTL', KEYS[1]) < left then
+    redis.call('PEXPIRE', KEYS[1], ms(left))
+  end
+end
+"""
+
+SLOT_CLAIM = (
+    _PRELUDE
+    + _SLOT_PRELUDE
+    + """
+-- KEYS[1] slot record, KEYS[2] lease, KEYS[3] fencing counter, KEYS[4] run
+-- stream, KEYS[5] skips hash
+-- ARGV[1] token, ARGV[2] lease TTL in ms, ARGV[3] holder JSON, ARGV[4] stream
+-- length cap, ARGV[5] slot length in ms for fixed slots from the epoch, or 0 to
+-- pick from ARGV[6], a JSON array of consecutive slot boundaries in ms,
+-- ARGV[7] tolerance in ms, ARGV[8] overlap rule ('skip' or 'allow'), ARGV[9]
+-- ms to keep the record after its slot ends, ARGV[10..] "started" fields
+-- The slot is the one that server time + tolerance falls in.  With 'allow'
+-- each slot's run has a lease of its own, KEYS[2] .. ':' .. slot start.
+-- Returns {1, fence, since_ms, slot, end, recorded} when the caller claimed
+-- the slot, else {0, reason, slot, end, detail, lease PTTL, recorded}: reason
+-- is the slot's state when it was claimed already (running, done, failed),
+-- 'past' when a later slot was, 'overlap' when a run of an earlier slot holds
+-- the lease (detail: its value), or 'clock' when the boundaries do not cover
+-- the server's time (detail: that time; nothing was changed or counted).
+local now = now_ms()
+local at = now + tonumber(ARGV[7])
+local start, finish
+local length = tonumber(ARGV[5])
+if length > 0 then
+  start = math.floor(at / length) * length
+  finish = start + length
+else
+  local edges = cjson.decode(ARGV[6])
+  for i = 1, #edges - 1 do
+    if edges[i] <= at and at < edges[i + 1] then
+      start, finish = edges[i], edges[i + 1]
+      break
+    end
+  end
+  if not start then return {0, 'clock', 0, 0, ms(now), -2, 1} end
+end
+
+local lease = KEYS[2]
+if ARGV[8] == 'allow' then lease = lease .. ':' .. ms(start) end
+local holder = cjson.decode(ARGV[3])
+local function lose(reason, detail, pttl)
+  local counted = redis.pcall('HINCRBY', KEYS[5], holder.host, 1)
+  local recorded = (type(counted) == 'table' and counted.err) and 0 or 1
+  return {0, reason, start, finish, detail, pttl, recorded}
+end
+
+local rec = redis.call('HMGET', KEYS[1], 'slot', 'state', 'holder', 'skipped')
+local last = tonumber(rec[1]) or -1
+if last > start then return lose('past', rec[3] or '', -2) end
+if last == start then
+  return lose(rec[2] or 'running', rec[3] or '', redis.call('PTTL', lease))
+end
+if (tonumber(rec[4]) or -1) >= start then return lose('overlap', '', -2) end
+if ARGV[8] ~= 'allow' then
+  local current = redis.call('GET', lease)
+  if current then
+    -- Recorded by the first host to find the overlap, so once per slot.
+    redis.call('HSET', KEYS[1], 'skipped', ms(start))
+    keep(now, finish + tonumber(ARGV[9]))
+    redis.pcall('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', 'skipped',
+      'reason', 'overlap', 'slot_ms', ms(start), 'host', holder.host,
+      'pid', tostring(holder.pid))
+    return lose('overlap', current, redis.call('PTTL', lease))
+  end
+end
+
+local fence = redis.call('INCR', KEYS[3])
+holder.fence = fence
+holder.since = now
+holder.slot = start
+redis.call('SET', lease, ARGV[1] .. ' ' .. cjson.encode(holder), 'PX', ARGV[2])
+redis.call('HSET', KEYS[1], 'slot', ms(start), 'end', ms(finish),
+  'state', 'running', 'holder', holder.host .. ':' .. tostring(holder.pid),
+  'token', ARGV[1], 'fence', tostring(fence), 'started', ms(now), 'takeover', '0')
+redis.call('HDEL', KEYS[1], 'status', 'finished')
+keep(now, finish + tonumber(ARGV[9]))
+local recorded = record(KEYS[4], ARGV[4], 10,
+  {'fence', tostring(fence), 'slot_ms', ms(start)})
+return {1, fence, now, start, finish, recorded}
+"""
+)
+
+SLOT_TAKEOVER = (
+    _PRELUDE
+    + _SLOT_PRELUDE
+    + """
+-- KEYS[1] slot record, KEYS[2] the slot's lease, KEYS[3] fencing counter,
+-- KEYS[4] run stream
+-- ARGV[1] token, ARGV[2] lease TTL in ms, ARGV[3] holder JSON, ARGV[4] stream
+-- length cap, ARGV[5] slot start in ms, ARGV[6] ms to keep the record after
+-- its slot ends, ARGV[7..] "takeover" fields
+-- Takes the slot over when it is still recorded as running and nobody holds
+-- its lease: the holder died or lost the lease before it recorded the end.
+-- Returns {1, fence, since_ms, recorded} when taken over, else {0, state,
+-- lease PTTL, 0}: state 'running' while the lease is held; the recorded state
+-- (done, failed) or 'gone' (a later slot was claimed) when there is no more
+-- to wait for.
+local now = now_ms()
+local rec = redis.call('HMGET', KEYS[1], 'slot', 'state', 'holder', 'fence', 'end')
+if rec[1] ~= ARGV[5] then return {0, 'gone', -2, 0} end
+if rec[2] ~= 'running' then return {0, rec[2] or 'gone', -2, 0} end
+local pttl = redis.call('PTTL', KEYS[2])
+if pttl ~= -2 then return {0, 'running', pttl, 0} end
+
+local fence = redis.call('INCR', KEYS[3])
+local holder = cjson.decode(ARGV[3])
+holder.fence = fence
+holder.since = now
+holder.slot = tonumber(ARGV[5])
+holder.takeover = 1
+redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. cjson.encode(holder), 'PX', ARGV[2])
+redis.call('HSET', KEYS[1], 'holder', holder.host .. ':' .. tostring(holder.pid),
+  'token', ARGV[1], 'fence', tostring(fence), 'takeover', '1', 'taken', ms(now))
+keep(now, (tonumber(rec[5]) or now) + tonumber(ARGV[6]))
+local recorded = record(KEYS[4], ARGV[4], 7, {'fence', tostring(fence),
+  'slot_ms', ARGV[5], 'previous', rec[3] or '', 'previous_fence', rec[4] or ''})
+return {1, fence, now, recorded}
+"""
+)
+
+SLOT_FINISH = (
+    _PRELUDE
+    + _SLOT_PRELUDE
+    + """
+-- KEYS[1] slot record, KEYS[2] the slot's lease, KEYS[3] run stream
+-- ARGV[1] token, ARGV[2] slot start in ms, ARGV[3] state to record ('done',
+-- 'failed', or '' to leave the slot running so that a standby takes it over),
+-- ARGV[4] the command's exit status, ARGV[5] stream length cap, ARGV[6] ms to
+-- keep the record from now, ARGV[7..] fields of an event to record
+-- The record changes only while it still names the caller as the slot's
+-- holder; the lease is deleted only when it is the caller's; the event is
+-- recorded in any case, since the run did end.
+-- Returns {record updated (0/1), lease released (0/1), recorded}.
+local now = now_ms()
+local updated = 0
+if ARGV[3] ~= '' then
+  local rec = redis.call('HMGET', KEYS[1], 'slot', 'token')
+  if rec[1] == ARGV[2] and rec[2] == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4],
+      'finished', ms(now))
+    keep(now, now + tonumber(ARGV[6]))
+    updated = 1
+  end
+end
+local released = 0
+if owns(redis.call('GET', KEYS[2])) then
+  redis.call('DEL', KEYS[2])
+  released = 1
+end
+return {updated, released, record(KEYS[3], ARGV[5], 7, {})}
+"""
+)
