@@ -277,6 +277,9 @@ class Supervisor:
             log.error("%s: the lease ran out while cronguard could not act; the "
                       "command was stopped", self.key)
             reason = "lost"
+            if self.lease is not None:
+                with suppress(LeaseLost):  # marks it lost: the deadline is past
+                    self.lease.check()
         duration = time.monotonic() - started
         status = {"lost": EXIT_LEASE_LOST, "timeout": EXIT_TIMEOUT}.get(
             reason, returncode
