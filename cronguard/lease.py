@@ -125,6 +125,7 @@ class Lease:
         # True when the lease ran out because the store stopped answering.
         self.lost_silently = False
         self._listeners: list[Callable[[], None]] = []
+        self._renewed: list[Callable[[float], None]] = []
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
 
@@ -239,6 +240,12 @@ class Lease:
     def renew(self) -> None:
         """Extend the lease to ``ttl`` from now; raise ``LeaseLost`` if not ours."""
         sent = time.monotonic()
+        # Past the local deadline the lease is lost, even if the server still
+        # has the key (its expiry is a little later than ours): renewing now
+        # would revive a lease this run has already stopped trusting.  This
+        # is what a holder that was frozen (SIGSTOP, a stalled VM) meets first
+        # when it wakes up.
+        self.check()
         extended = self.store.eval(
             scripts.RENEW, [self.lease_key], [self.token, self.ttl_ms]
         )
@@ -247,6 +254,8 @@ class Lease:
             raise LeaseLost(self.key, self.lost_reason or "")
         if self.lost_reason is None:
             self.deadline = sent + self.ttl
+            for listener in self._renewed:
+                listener(self.deadline)
         log.info("%s: renewed for %s", self.key, format_duration(self.ttl))
 
     def release(
@@ -305,6 +314,10 @@ class Lease:
         """Call ``listener`` (from the keeper thread) when the lease is lost."""
         self._listeners.append(listener)
 
+    def on_renew(self, listener: Callable[[float], None]) -> None:
+        """Call ``listener`` with the new monotonic deadline after each renewal."""
+        self._renewed.append(listener)
+
     def _lose(self, reason: str, *, silently: bool = False) -> None:
         if self.lost_reason is None:
             self.lost_reason = reason
@@ -325,15 +338,33 @@ class Lease:
         )
         self._keeper.start()
 
-    def stop_keeping(self) -> None:
+    def stop_keeping(self, *, wait: bool = True) -> None:
+        """Stop renewing; with ``wait``, return only once no renewal is in flight.
+
+        Waiting matters while the lease is held: a renewal that lands after
+        the release would stretch the lease again.  Once the lease is lost
+        there is nothing left to stretch, and a renewal stuck on an unreachable
+        store must not delay the exit by up to three times --redis-timeout.
+        """
         self._stop.set()
         if self._keeper is not None:
-            self._keeper.join()
+            if wait:
+                self._keeper.join()
             self._keeper = None
 
     def _keep(self) -> None:
+        # Renewals fall due a third of the way into the lease as the local
+        # deadline counts it, not a third after the last reply: the time spent
+        # starting the command and waiting for answers is already gone from
+        # the lease, and on a slow link it would otherwise eat the margin.
         interval = self.ttl / 3
-        next_at = time.monotonic() + interval
+
+        def due() -> float:
+            if self.deadline is None:
+                return time.monotonic() + interval
+            return self.deadline - self.ttl + interval
+
+        next_at = due()
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             try:
                 self.renew()
@@ -351,7 +382,7 @@ class Lease:
                 # Try again soon, but leave the deadline to the supervisor.
                 next_at = time.monotonic() + min(interval / 2, left / 2, 1.0)
                 continue
-            next_at = time.monotonic() + interval
+            next_at = due()
         # Stopped by stop_keeping().
 
     # Context manager

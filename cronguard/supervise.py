@@ -7,12 +7,20 @@ cronguard receives are forwarded to the command's process group.
 
 If cronguard itself is killed with SIGKILL it can do nothing, so two things
 are arranged before then: on Linux the command gets a parent-death signal,
-and a small watcher process, started right after the command, waits on a pipe
+and a small watcher process, forked after the command starts, waits on a pipe
 whose other end only cronguard holds.  When that pipe closes without a word
 from cronguard, the watcher terminates the whole process group, including
-whatever the command forked.  The watcher is a few lines of /bin/sh, started
-with vfork like the command; forking the Python process instead would copy
-its page tables on every winning run.
+whatever the command forked.
+
+The watcher also keeps the lease's deadline, which cronguard sends it after
+every renewal.  A cronguard that is alive but cannot act (stopped with
+SIGSTOP, starved, stuck) sends nothing, and when the deadline passes the
+watcher stops the command itself, so the command never outlives its lease by
+more than --kill-after however cronguard fares::
+
+    cronguard  |--renew--|--renew--|  SIGSTOP ......................  SIGCONT
+    watcher       deadline+    deadline+          deadline: TERM the group
+    host B                                     lease expires: B acquires
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -52,6 +61,14 @@ _PR_SET_PDEATHSIG = 1
 # How often to look for processes the command left in its group, while
 # stopping it; only this rare path polls.
 _GROUP_POLL = 0.05
+# Messages to the watcher: one byte of kind, then a monotonic deadline, written
+# in one write() of fewer than PIPE_BUF bytes so that each arrives whole.
+_WATCH_MESSAGE = struct.Struct("=cd")
+_DISARM = b"x"
+_DEADLINE = b"d"
+# The watcher's exit status when it stopped the command because the lease's
+# deadline passed without a renewal.
+_WATCHER_STOPPED = 3
 
 
 @dataclass(frozen=True)
@@ -125,54 +142,20 @@ def _set_parent_death_signal(parent: int) -> Callable[[], None] | None:
     return hook
 
 
-# The watcher.  $1 is the process group, $2 the seconds between SIGTERM and
-# SIGKILL.  It reads one line from cronguard: "done" disarms it, end of file
-# (cronguard died) sets it off.  It ignores the signals cronguard forwards, and
-# runs in a session of its own, out of reach of the terminal and of signals to
-# cronguard's process group.
-_WATCHER = """
-trap '' TERM INT HUP QUIT USR1 USR2
-read -r word
-[ "$word" = done ] && exit 0
-kill -TERM -"$1" 2>/dev/null || exit 0
-sleep "$2"
-kill -KILL -"$1" 2>/dev/null
-exit 0
-"""
-_SHELL = "/bin/sh"
-
-
-def _start_watcher(
-    group: int, kill_after: float
-) -> tuple[Callable[[], object], int]:
-    """Start the watcher for ``group``; return how to reap it, and the pipe
-    to disarm it."""
-    if not os.path.exists(_SHELL):
-        return _fork_watcher(group, kill_after)
-    read_end, write_end = os.pipe()
-    try:
-        watcher = subprocess.Popen(
-            [_SHELL, "-c", _WATCHER, "cronguard-watcher", str(group),
-             f"{kill_after:g}"],
-            stdin=read_end,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    finally:
-        os.close(read_end)
-    return watcher.wait, write_end
-
-
 def _fork_watcher(
-    group: int, kill_after: float
-) -> tuple[Callable[[], object], int]:
-    """The watcher as a fork of cronguard, where there is no /bin/sh."""
+    group: int, kill_after: float, deadline: float | None
+) -> tuple[int, int]:
+    """Fork the watcher for ``group``; return its pid and the pipe to talk to it.
+
+    With ``deadline`` (monotonic), the watcher also stops the group when that
+    moment passes before cronguard sends a later one.
+    """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
         os.close(read_end)
-        return lambda: os.waitpid(pid, 0), write_end
+        return pid, write_end
+    status = 0
     try:  # the watcher: no Python-level clean-up, no return
         os.setsid()  # out of the terminal's reach: Ctrl-C must not end it
         for signum in FORWARDED:
@@ -182,23 +165,48 @@ def _fork_watcher(
             os.dup2(devnull, fd)
         os.closerange(3, read_end)
         os.closerange(read_end + 1, 1 << 16)
-        if os.read(read_end, 4) == b"done":
-            os._exit(0)  # disarmed: cronguard finished normally
-        _terminate_group(group, kill_after)
+        status = _watch_over(group, kill_after, deadline, read_end)
     finally:
-        os._exit(0)
+        os._exit(status)
 
 
-def _terminate_group(group: int, kill_after: float) -> None:
-    """SIGTERM the group, SIGKILL what is left of it after ``kill_after``."""
+def _watch_over(group: int, kill_after: float, deadline: float | None, fd: int) -> int:
+    """The watcher's loop; returns its exit status."""
+    while True:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        readable, _, _ = select.select([fd], [], [], wait)
+        if not readable:  # the deadline passed and cronguard said nothing
+            return _WATCHER_STOPPED if _terminate_group(group, kill_after) else 0
+        message = os.read(fd, _WATCH_MESSAGE.size)
+        if not message:  # cronguard is gone: nothing guards the group any more
+            _terminate_group(group, kill_after)
+            return 0
+        kind, moment = _WATCH_MESSAGE.unpack(message)
+        if kind == _DISARM:
+            return 0
+        deadline = moment
+
+
+def _tell_watcher(fd: int, kind: bytes, moment: float = 0.0) -> None:
+    """Send the watcher a message; one that has already exited cannot hear it."""
+    with suppress(BrokenPipeError):
+        os.write(fd, _WATCH_MESSAGE.pack(kind, moment))
+
+
+def _terminate_group(group: int, kill_after: float) -> bool:
+    """SIGTERM the group, SIGKILL what is left of it after ``kill_after``.
+
+    Returns False when the group had already gone.
+    """
     if not _signal_group(group, signal.SIGTERM):
-        return
+        return False
     until = time.monotonic() + kill_after
     while time.monotonic() < until:
         time.sleep(_GROUP_POLL)
         if not _signal_group(group, 0):
-            return
+            return True
     _signal_group(group, signal.SIGKILL)
+    return True
 
 
 @contextmanager
@@ -243,24 +251,48 @@ class Supervisor:
         with _wake_pipe() as (wake_read, wake_write):
             process = self._start()
             started = time.monotonic()
-            reap_watcher, disarm = _start_watcher(process.pid, self.kill_after)
+            watcher, talk = _fork_watcher(
+                process.pid, self.kill_after, self._enforced_deadline()
+            )
             if self.lease is not None:
                 self.lease.on_change(lambda: _poke(wake_write))
+                if self._enforced_deadline() is not None:
+                    self.lease.on_renew(lambda moment: _tell_watcher(
+                        talk, _DEADLINE, moment))
                 self.lease.keep()
+            watcher_status = 0
             try:
                 reason, returncode = self._watch(process.pid, started, wake_read)
             finally:
                 if self.lease is not None:
-                    self.lease.stop_keeping()
-                os.write(disarm, b"done\n")
-                os.close(disarm)
+                    self.lease.stop_keeping(wait=self.lease.lost_reason is None)
+                _tell_watcher(talk, _DISARM)
+                os.close(talk)
                 with suppress(ChildProcessError):
-                    reap_watcher()
+                    _, waited = os.waitpid(watcher, 0)
+                    watcher_status = os.waitstatus_to_exitcode(waited)
+        if watcher_status == _WATCHER_STOPPED and reason == "exited":
+            # cronguard could not act in time (it was frozen, say) and the
+            # watcher stopped the command at the lease's deadline.
+            log.error("%s: the lease ran out while cronguard could not act; the "
+                      "command was stopped", self.key)
+            reason = "lost"
+            if self.lease is not None:
+                with suppress(LeaseLost):  # marks it lost: the deadline is past
+                    self.lease.check()
         duration = time.monotonic() - started
         status = {"lost": EXIT_LEASE_LOST, "timeout": EXIT_TIMEOUT}.get(
             reason, returncode
         )
         return Outcome(status, returncode, reason, duration)
+
+    def _enforced_deadline(self) -> float | None:
+        """The lease deadline the watcher enforces, if losing it stops the command."""
+        if self.lease is None or not self.lease.renew_enabled:
+            return None
+        if self.on_lost != "term":
+            return None
+        return self.lease.deadline
 
     def _start(self) -> subprocess.Popen[bytes]:
         try:

@@ -7,6 +7,7 @@ Its arguments are steps, done in order::
     job.py env FILE           write the environment to FILE as JSON
     job.py trap FILE          log each forwarded signal's name to FILE, go on
     job.py ignore-term        ignore SIGTERM
+    job.py on-term FILE       on SIGTERM append "TERM PID TIME_NS" to FILE, exit 143
     job.py spawn FILE         fork a grandchild that sleeps; write its pid
     job.py sleep SECONDS
     job.py await FILE         wait (up to 60 s) until the test creates FILE
@@ -51,6 +52,15 @@ def main(steps: list[str]) -> int:
 
             for name in ("TERM", "INT", "HUP", "QUIT", "USR1", "USR2"):
                 signal.signal(getattr(signal, f"SIG{name}"), note)
+        elif step == "on-term":
+            term_path = steps.pop(0)
+
+            def stamp(signum: int, frame: object, path: str = term_path) -> None:
+                with open(path, "a") as handle:
+                    handle.write(f"TERM {os.getpid()} {time.time_ns()}\n")
+                os._exit(128 + signum)
+
+            signal.signal(signal.SIGTERM, stamp)
         elif step == "ignore-term":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         elif step == "spawn":
