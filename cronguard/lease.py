@@ -238,25 +238,41 @@ class Lease:
     # Keeping and giving back
 
     def renew(self) -> None:
-        """Extend the lease to ``ttl`` from now; raise ``LeaseLost`` if not ours."""
-        sent = time.monotonic()
+        """Extend the lease to ``ttl`` from now; raise ``LeaseLost`` if not ours.
+
+        Subclasses change what extending means (``_extend``); the rules around
+        it stay here: no renewal past the local deadline, and every listener
+        hears the new deadline.
+        """
         # Past the local deadline the lease is lost, even if the server still
         # has the key (its expiry is a little later than ours): renewing now
         # would revive a lease this run has already stopped trusting.  This
         # is what a holder that was frozen (SIGSTOP, a stalled VM) meets first
         # when it wakes up.
         self.check()
+        deadline = self._extend(time.monotonic())
+        if self.lost_reason is None:
+            self.deadline = deadline
+            for listener in self._renewed:
+                listener(deadline)
+        log.info("%s: renewed for %s", self.key, format_duration(self.ttl))
+
+    def _extend(self, sent: float) -> float:
+        """Extend the lease in the store; return the new local deadline.
+
+        ``sent`` is when the request left; raises ``LeaseLost`` when the store
+        says the lease is no longer this holder's.
+        """
         extended = self.store.eval(
             scripts.RENEW, [self.lease_key], [self.token, self.ttl_ms]
         )
         if not extended:
-            self._lose("another holder has it, or it expired in the store")
-            raise LeaseLost(self.key, self.lost_reason or "")
-        if self.lost_reason is None:
-            self.deadline = sent + self.ttl
-            for listener in self._renewed:
-                listener(self.deadline)
-        log.info("%s: renewed for %s", self.key, format_duration(self.ttl))
+            self._refused()
+        return sent + self.ttl
+
+    def _refused(self) -> None:
+        self._lose("another holder has it, or it expired in the store")
+        raise LeaseLost(self.key, self.lost_reason or "")
 
     def release(
         self, *, hold: float = 0.0, event: str = "finished", **fields: object

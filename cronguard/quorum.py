@@ -308,10 +308,9 @@ class QuorumLease(Lease):
 
     # Keeping and giving back
 
-    def renew(self) -> None:
+    def _extend(self, sent: float) -> float:
         """Extend the lease on every node; it counts when a majority did."""
         majority, count = self.store.majority, len(self.store.nodes)
-        sent = time.monotonic()
         replies = self.store.eval_all(
             scripts.RENEW, [self.lease_key], [self.token, self.ttl_ms],
             limit=self.node_limit,
@@ -319,11 +318,8 @@ class QuorumLease(Lease):
         extended = sum(1 for r in replies if r == 1)
         refused = sum(1 for r in replies if r == 0)
         if extended >= majority:
-            if self.lost_reason is None:
-                self.deadline = self._valid_until(sent)
-            log.info("%s: renewed on %d of %d nodes for %s", self.key, extended,
-                     count, format_duration(self.ttl))
-            return
+            log.debug("%s: extended on %d of %d nodes", self.key, extended, count)
+            return self._valid_until(sent)
         if refused > count - majority:
             self._lose(f"{refused} of {count} nodes no longer hold it for this run")
             raise LeaseLost(self.key, self.lost_reason or "")

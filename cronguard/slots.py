@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from . import scripts
 from .config import RunSettings, SlotSettings
 from .durations import format_duration
-from .errors import CommandNotExecutable, CommandNotFound, LeaseLost, StoreError
+from .errors import CommandNotExecutable, CommandNotFound, StoreError
 from .lease import STREAM_LENGTH, Lease
 from .schedule import CronSchedule, Slot
 from .store import Store
@@ -180,21 +180,16 @@ class SlotLease(Lease):
                     "the run ended (fence %d)", self.key, slot.iso, self.fence)
         return True, "running", self.ttl_ms
 
-    def renew(self) -> None:
-        """Extend the lease, and the slot record with it; ``LeaseLost`` if the
-        lease is no longer this run's."""
-        sent = time.monotonic()
+    def _extend(self, sent: float) -> float:
+        """Extend the lease, and the slot record with it."""
         extended = self.store.eval(
             scripts.SLOT_RENEW,
             [self.slot_key, self.lease_key],
             [self.token, self.ttl_ms, self._keep_ms],
         )
         if not extended:
-            self._lose("another holder has it, or it expired in the store")
-            raise LeaseLost(self.key, self.lost_reason or "")
-        if self.lost_reason is None:
-            self.deadline = sent + self.ttl
-        log.info("%s: renewed for %s", self.key, format_duration(self.ttl))
+            self._refused()
+        return sent + self.ttl
 
     def _hold(self, slot: Slot, fence: int, since: int, sent: float) -> None:
         self.slot = slot

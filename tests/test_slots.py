@@ -673,3 +673,16 @@ def test_a_standby_whose_store_stops_answering_gives_up(
     assert not (tmp_path / "b.json").exists()
     winner.send_signal(signal.SIGTERM)
     winner.wait(20)
+
+
+def test_a_run_longer_than_its_lease_is_kept_alive_by_renewals(
+    cronguard: Cronguard, client: redis.Redis, key: str, tmp_path: Path,
+    job: list[str],
+) -> None:
+    # Each renewal must reach the watcher too, or it would stop the command
+    # at the first lease's deadline.
+    done = cronguard("--every", "10s", "--lease", "0.6s", "--key", key, "--",
+                     *job, "sleep", "2", "exit", "7")
+    assert done.returncode == 7, done.stderr
+    record = client.hgetall(f"cronguard:{{{key}}}:slot")
+    assert record[b"state"] == b"failed" and record[b"status"] == b"7"
