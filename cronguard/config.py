@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .durations import parse_duration
 from .errors import UsageError
@@ -222,8 +221,9 @@ def sentinel_password(
     return environ.get("CRONGUARD_SENTINEL_PASSWORD") or None
 
 
-@dataclass(frozen=True)
-class RunSettings:
+# Settings records are NamedTuples, not frozen dataclasses: every cron firing
+# imports this module, and defining a frozen dataclass costs several times more.
+class RunSettings(NamedTuple):
     """Everything one run needs, checked."""
 
     command: list[str]
@@ -239,7 +239,6 @@ class RunSettings:
     skip_exit: int
     store: StoreSettings
     key_given: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
     slot: SlotSettings | None = None  # slot mode when set
 
     @classmethod
@@ -318,8 +317,7 @@ MAX_DEFAULT_LEASE = 30.0
 MIN_DEFAULT_LEASE = 1.0
 
 
-@dataclass(frozen=True)
-class SlotSettings:
+class SlotSettings(NamedTuple):
     """The settings of slot mode (``--every`` or ``--schedule``), checked."""
 
     schedule: Schedule

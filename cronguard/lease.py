@@ -23,9 +23,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import scripts
 from .durations import format_duration
@@ -43,8 +42,7 @@ def host_id() -> str:
     return os.environ.get("CRONGUARD_HOST_ID") or socket.gethostname()
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(NamedTuple):
     """Who holds a lease, as its value in Redis describes it."""
 
     host: str

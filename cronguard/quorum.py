@@ -44,7 +44,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from . import scripts
@@ -77,7 +76,7 @@ class QuorumStore(Store):
         settings.validate()
         self.settings = settings
         self.description = "quorum of " + ", ".join(redact(u) for u in settings.nodes)
-        self.nodes = [_Node(replace(settings, url=url, nodes=()))
+        self.nodes = [_Node(settings._replace(url=url, nodes=()))
                       for url in settings.nodes]
         self.client = self.nodes[0].client
 

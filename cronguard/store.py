@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import redis
@@ -87,8 +86,7 @@ def url_has_password(url: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class StoreSettings:
+class StoreSettings(NamedTuple):
     """Where the lock store is and how patiently to talk to it."""
 
     url: str = DEFAULT_URL
@@ -174,8 +172,7 @@ def _validate_url(url: str, *, quorum: bool) -> None:
         raise UsageError(f"--redis: {redact(url)!r}: {exc}") from None
 
 
-@dataclass(frozen=True)
-class MultiHostURL:
+class MultiHostURL(NamedTuple):
     """A Sentinel or Cluster URL: credentials, several hosts, then a path.
 
     ``urllib`` cannot parse a comma-separated host list, so this does.

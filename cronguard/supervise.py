@@ -35,8 +35,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from types import FrameType
+from typing import NamedTuple
 
 from .errors import (
     EXIT_LEASE_LOST,
@@ -71,8 +71,7 @@ _DEADLINE = b"d"
 _WATCHER_STOPPED = 3
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How a supervised run ended."""
 
     status: int  # the exit status cronguard reports
