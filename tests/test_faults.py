@@ -212,7 +212,7 @@ def test_frozen_cronguard_is_stopped_at_the_deadline_and_never_steals_back(
     finally:
         os.kill(run.pid, signal.SIGCONT)
 
-    assert run.wait(20) == 76
+    assert run.wait(20) == 76, run.stderr.read()  # type: ignore[union-attr]
     after = client.get(f"cronguard:{{{key}}}:lease")
     assert after == before, "the old holder touched the new holder's lease"
     assert client.pttl(f"cronguard:{{{key}}}:lease") <= pttl_before, "renewed"
