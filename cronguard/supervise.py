@@ -32,6 +32,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -253,11 +254,12 @@ class Supervisor:
             watcher, talk = _fork_watcher(
                 process.pid, self.kill_after, self._enforced_deadline()
             )
+            pipes = _Guard()
             if self.lease is not None:
-                self.lease.on_change(lambda: _poke(wake_write))
+                self.lease.on_change(lambda: pipes.call(_poke, wake_write))
                 if self._enforced_deadline() is not None:
-                    self.lease.on_renew(lambda moment: _tell_watcher(
-                        talk, _DEADLINE, moment))
+                    self.lease.on_renew(lambda moment: pipes.call(
+                        _tell_watcher, talk, _DEADLINE, moment))
                 self.lease.keep()
             watcher_status = 0
             try:
@@ -265,6 +267,9 @@ class Supervisor:
             finally:
                 if self.lease is not None:
                     self.lease.stop_keeping(wait=self.lease.lost_reason is None)
+                # From here on the lease's listeners write nowhere: the pipes
+                # close, and their numbers may soon belong to other files.
+                pipes.close()
                 _tell_watcher(talk, _DISARM)
                 os.close(talk)
                 with suppress(ChildProcessError):
@@ -387,6 +392,27 @@ class Supervisor:
             log.warning("%s: the command left processes in its group; stopping them",
                         self.key)
         _terminate_group(group, self.kill_after)
+
+
+class _Guard:
+    """Lets the keeper thread write to the run's pipes only while they are open.
+
+    A keeper left running after a lost lease (it may be stuck on the store)
+    can still call the lease's listeners after the run has closed its pipes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = True
+
+    def call(self, action: Callable[..., None], *args: object) -> None:
+        with self._lock:
+            if self._open:
+                action(*args)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
 
 
 def _poke(fd: int) -> None:
