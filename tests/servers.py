@@ -9,6 +9,7 @@ and dies with the test session.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,10 +38,40 @@ def server_binary() -> str:
     return str(get_binary_path())
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = text.split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A free port that no other server of this test run was given.
+
+    It comes from below the ephemeral range: a port the kernel picks for a
+    bind to port 0 lies in the range client connections draw from, so one of
+    them could take it before the server binds it.
+    """
+    low, _ = _ephemeral_range()
+    first = 20000 if low > 21000 else 1025
+    last = low - 1 if low > 21000 else 65535
+    for _ in range(500):
+        port = random.randint(first, last)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("found no free port for a test server")
 
 
 class RedisServer:
