@@ -511,6 +511,11 @@ def _reported(debug: bool) -> Iterator[None]:
         raise typer.Exit(exc.exit_status) from None
     except typer.Exit:
         raise
+    except BrokenPipeError:
+        # The reader went away (cronguard status | head): stop quietly, with
+        # the status of a program that SIGPIPE ended.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(128 + 13) from None
     except Exception as exc:
         log.error(
             "internal error: %s: %s (run again with --debug for a traceback)",

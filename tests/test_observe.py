@@ -453,3 +453,20 @@ def test_every_option_has_help_an_env_var_and_docs(name: str) -> None:
         assert param.envvar == "CRONGUARD_" + flag[2:].replace("-", "_").upper()
         assert flag in man, f"{flag} is missing from man/cronguard.1"
         assert f"`{flag}" in readme, f"{flag} is missing from README.md"
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(
+    cronguard: Cronguard, key: str
+) -> None:
+    cronguard("--key", key, "--", "true")
+    reader = subprocess.Popen(
+        [cronguard.binary, "status", "--json"],
+        env=cronguard.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.close()  # like head, gone before the table is written
+    status = reader.wait(30)
+    assert (status, reader.stderr.read()) == (141, "")
