@@ -75,7 +75,8 @@ def _run(
             log.warning("%s: skipped, the store failed: %s", key, exc)
             return settings.skip_exit
         log.warning("%s: running without a lease, the store failed: %s", key, exc)
-        return _supervise(settings, environ, relay, None).status
+        env = command_environment(environ, None)
+        return supervise(settings, env, relay, None).status
 
     if holder is not None:
         log.info("%s: skipped, held by %s", key, holder)
@@ -87,7 +88,7 @@ def _run(
         return 128 + relay.first
 
     try:
-        outcome = _supervise(settings, environ, relay, lease)
+        outcome = supervise(settings, command_environment(environ, lease), relay, lease)
     except (CommandNotFound, CommandNotExecutable) as exc:
         _give_back(lease, release=True, event="failed", status=exc.exit_status)
         raise
@@ -114,15 +115,16 @@ def _lease_class(store: Store) -> type[Lease]:
     return QuorumLease
 
 
-def _supervise(
+def supervise(
     settings: RunSettings,
-    environ: Mapping[str, str],
+    env: Mapping[str, str],
     relay: SignalRelay,
     lease: Lease | None,
 ) -> Outcome:
+    """Run the command with ``env`` under ``lease`` (none: unguarded)."""
     supervisor = Supervisor(
         settings.command,
-        command_environment(environ, lease),
+        env,
         relay=relay,
         lease=lease,
         timeout=settings.timeout,

@@ -43,7 +43,7 @@ from .errors import CommandNotExecutable, CommandNotFound, StoreError
 from .lease import STREAM_LENGTH, Lease
 from .schedule import CronSchedule, Slot
 from .store import Store
-from .supervise import Outcome, SignalRelay, Supervisor, _wait_for, _wake_pipe
+from .supervise import Outcome, SignalRelay, _wait_for, _wake_pipe
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def run_slot(
     settings: RunSettings, environ: Mapping[str, str], store: Store, relay: SignalRelay
 ) -> int:
     """One firing in slot mode; returns cronguard's exit status."""
-    from .run import _supervise
+    from .run import command_environment, supervise
 
     assert settings.slot is not None
     key = settings.key
@@ -255,7 +255,8 @@ def run_slot(
             log.warning("%s: skipped, the store failed: %s", key, exc)
             return settings.skip_exit
         log.warning("%s: running without a lease, the store failed: %s", key, exc)
-        return _supervise(settings, environ, relay, None).status
+        env = command_environment(environ, None)
+        return supervise(settings, env, relay, None).status
 
     if not claim.won:
         assert claim.slot is not None
@@ -351,7 +352,7 @@ def _run_command(
     relay: SignalRelay,
     lease: SlotLease,
 ) -> Outcome:
-    from .run import command_environment
+    from .run import command_environment, supervise
 
     assert lease.slot is not None
     env = command_environment(environ, lease)
@@ -360,19 +361,7 @@ def _run_command(
         env["CRONGUARD_TAKEOVER"] = "1"
     else:
         env.pop("CRONGUARD_TAKEOVER", None)
-    supervisor = Supervisor(
-        settings.command,
-        env,
-        relay=relay,
-        lease=lease,
-        timeout=settings.timeout,
-        kill_after=settings.kill_after,
-        on_lost=settings.on_lost,
-    )
-    outcome = supervisor.run()
-    log.info("%s: command ended with status %d after %.3fs (%s)", settings.key,
-             outcome.returncode, outcome.duration, outcome.reason)
-    return outcome
+    return supervise(settings, env, relay, lease)
 
 
 def _state(outcome: Outcome) -> str:
