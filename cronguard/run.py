@@ -69,14 +69,7 @@ def _run(
     try:
         holder = lease.acquire(settings.wait, give_up=lambda: bool(relay.received))
     except StoreError as exc:
-        if settings.on_error == "fail":
-            raise
-        if settings.on_error == "skip":
-            log.warning("%s: skipped, the store failed: %s", key, exc)
-            return settings.skip_exit
-        log.warning("%s: running without a lease, the store failed: %s", key, exc)
-        env = command_environment(environ, None)
-        return supervise(settings, env, relay, None).status
+        return on_store_error(settings, environ, relay, exc)
 
     if holder is not None:
         log.info("%s: skipped, held by %s", key, holder)
@@ -113,6 +106,24 @@ def _lease_class(store: Store) -> type[Lease]:
     from .quorum import QuorumLease
 
     return QuorumLease
+
+
+def on_store_error(
+    settings: RunSettings,
+    environ: Mapping[str, str],
+    relay: SignalRelay,
+    error: StoreError,
+) -> int:
+    """Apply --on-error to a store that failed before the command started."""
+    if settings.on_error == "fail":
+        raise error
+    if settings.on_error == "skip":
+        log.warning("%s: skipped, the store failed: %s", settings.key, error)
+        return settings.skip_exit
+    log.warning("%s: running without a lease, the store failed: %s",
+                settings.key, error)
+    env = command_environment(environ, None)
+    return supervise(settings, env, relay, None).status
 
 
 def supervise(

@@ -241,7 +241,7 @@ def run_slot(
     settings: RunSettings, environ: Mapping[str, str], store: Store, relay: SignalRelay
 ) -> int:
     """One firing in slot mode; returns cronguard's exit status."""
-    from .run import command_environment, supervise
+    from .run import on_store_error
 
     assert settings.slot is not None
     key = settings.key
@@ -249,14 +249,7 @@ def run_slot(
     try:
         claim = lease.claim()
     except StoreError as exc:
-        if settings.on_error == "fail":
-            raise
-        if settings.on_error == "skip":
-            log.warning("%s: skipped, the store failed: %s", key, exc)
-            return settings.skip_exit
-        log.warning("%s: running without a lease, the store failed: %s", key, exc)
-        env = command_environment(environ, None)
-        return supervise(settings, env, relay, None).status
+        return on_store_error(settings, environ, relay, exc)
 
     if not claim.won:
         assert claim.slot is not None
