@@ -1,5 +1,5 @@
 """``python -m cronguard``: the same as the ``cronguard`` command."""
 
-from .cli import main
+from .cli import entry
 
-main()
+entry()

@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Annotated, Any
+from contextlib import contextmanager, suppress
+from typing import Annotated, Any, NoReturn
 
 import typer
 from typer import _click as click  # the copy of click that typer carries
@@ -549,6 +549,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     except typer.Abort:
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def entry() -> NoReturn:
+    """The installed ``cronguard`` command: ``main``, then a quick exit.
+
+    Once cronguard has finished, tearing the interpreter down (freeing every
+    module, running the collector over them) would cost a cron firing more
+    than everything else it does.  Nothing is left to clean up by then: the
+    lease is given back, the keeper thread has stopped and every file is
+    closed.  So only the output is flushed and the process ends at once.
+    ``main`` keeps the ordinary ``SystemExit`` for callers in Python.
+    """
+    try:
+        main()
+        status: object = 0
+    except SystemExit as stop:
+        status = stop.code
+    if status is None:
+        status = 0
+    elif not isinstance(status, int):  # sys.exit("message"), as Python prints it
+        print(status, file=sys.stderr)
+        status = 1
+    logging.shutdown()  # flushes and closes the handlers (syslog among them)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away: as if SIGPIPE had ended us
+        status = 128 + 13
+    with suppress(OSError):
+        sys.stderr.flush()
+    os._exit(status)
 
 
 # Administration and observability.  These subcommands share the store
