@@ -126,6 +126,9 @@ class Lease:
         self._renewed: list[Callable[[float], None]] = []
         self._stop = threading.Event()
         self._keeper: threading.Thread | None = None
+        # In a keeper thread, the event that stops it: once it is set,
+        # nothing that thread still brings back changes the lease.
+        self._keeper_local = threading.local()
 
     @property
     def ttl_ms(self) -> int:
@@ -249,6 +252,8 @@ class Lease:
         # when it wakes up.
         self.check()
         deadline = self._extend(time.monotonic())
+        if self._abandoned():
+            return
         if self.lost_reason is None:
             self.deadline = deadline
             for listener in self._renewed:
@@ -333,7 +338,7 @@ class Lease:
         self._renewed.append(listener)
 
     def _lose(self, reason: str, *, silently: bool = False) -> None:
-        if self.lost_reason is None:
+        if self.lost_reason is None and not self._abandoned():
             self.lost_reason = reason
             self.lost_silently = silently
             log.warning("%s: lease lost: %s", self.key, reason)
@@ -346,19 +351,24 @@ class Lease:
         """Start renewing in the background every ``ttl / 3``."""
         if not self.renew_enabled or self._keeper is not None:
             return
-        self._stop.clear()
+        self._stop = threading.Event()  # its own, in case an abandoned one lingers
         self._keeper = threading.Thread(
-            target=self._keep, name=f"cronguard-keeper-{self.key}", daemon=True
+            target=self._keep, args=(self._stop,), name=f"cronguard-keeper-{self.key}",
+            daemon=True,
         )
         self._keeper.start()
 
     def stop_keeping(self, *, wait: bool = True) -> None:
         """Stop renewing; with ``wait``, return only once no renewal is in flight.
 
-        Waiting matters while the lease is held: a renewal that lands after
-        the release would stretch the lease again.  Once the lease is lost
-        there is nothing left to stretch, and a renewal stuck on an unreachable
-        store must not delay the exit by up to three times --redis-timeout.
+        Waiting matters when the lease is to be shortened next (released with
+        a minimum hold): a renewal that lands after that would stretch it
+        again.  Otherwise a renewal still in flight is abandoned, and whatever
+        it brings back is ignored: it can neither mark the lease lost nor
+        move its deadline.  That suits a lease that is lost already, and one
+        that is deleted next, which a late renewal cannot bring back (it finds
+        no lease of its token); a renewal stuck on a slow or unreachable store
+        then delays neither the release nor the exit.
         """
         self._stop.set()
         if self._keeper is not None:
@@ -366,11 +376,17 @@ class Lease:
                 self._keeper.join()
             self._keeper = None
 
-    def _keep(self) -> None:
+    def _abandoned(self) -> bool:
+        """Whether this is a keeper thread that stop_keeping() has stopped."""
+        stop: threading.Event | None = getattr(self._keeper_local, "stop", None)
+        return stop is not None and stop.is_set()
+
+    def _keep(self, stop: threading.Event) -> None:
         # Renewals fall due a third of the way into the lease as the local
         # deadline counts it, not a third after the last reply: the time spent
         # starting the command and waiting for answers is already gone from
         # the lease, and on a slow link it would otherwise eat the margin.
+        self._keeper_local.stop = stop
         interval = self.ttl / 3
 
         def due() -> float:
@@ -379,12 +395,14 @@ class Lease:
             return self.deadline - self.ttl + interval
 
         next_at = due()
-        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+        while not stop.wait(max(0.0, next_at - time.monotonic())):
             try:
                 self.renew()
             except LeaseLost:
                 return
             except StoreError as exc:
+                if self._abandoned():
+                    return
                 deadline = self.deadline or 0.0
                 left = deadline - time.monotonic()
                 if left <= 0:

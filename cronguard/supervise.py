@@ -266,7 +266,11 @@ class Supervisor:
                 reason, returncode = self._watch(process.pid, started, wake_read)
             finally:
                 if self.lease is not None:
-                    self.lease.stop_keeping(wait=self.lease.lost_reason is None)
+                    # A renewal in flight is waited for only when the lease is
+                    # to be shortened next; one that is deleted next cannot
+                    # be stretched by it (see Lease.stop_keeping).
+                    self.lease.stop_keeping(wait=self.lease.lost_reason is None
+                                            and self.lease.hold_on_exit)
                 # From here on the lease's listeners write nowhere: the pipes
                 # close, and their numbers may soon belong to other files.
                 pipes.close()

@@ -82,3 +82,32 @@ def test_events_are_recorded_with_the_lease(store: Store, key: str) -> None:
     kinds = [(e[b"event"], e[b"host"]) for _, e in events]
     assert kinds == [(b"started", b"py-1"), (b"finished", b"py-1")]
     assert store.client.hget(holder.skips_key, "py-2") == b"1"
+
+
+def test_a_renewal_left_in_flight_changes_nothing(
+    private_redis: RedisServer, key: str
+) -> None:
+    """Once stop_keeping(wait=False) has returned, a renewal still stuck on
+    the store neither marks the lease lost nor moves its deadline when it
+    finally fails, long after the lease's deadline."""
+    store = Store(StoreSettings(url=private_redis.url, timeout=0.2))
+    lease = Lease(store, key, ttl=0.6)
+    assert lease.try_acquire() is None and lease.deadline is not None
+    # Renewals fall due a third of the way into the lease.
+    renewal_due = lease.deadline - lease.ttl * 2 / 3
+    private_redis.pause()
+    try:
+        lease.keep()
+        keeper = lease._keeper
+        assert keeper is not None
+        while time.monotonic() < renewal_due + 0.1:  # the renewal is on its way
+            time.sleep(0.01)
+        deadline = lease.deadline
+        lease.stop_keeping(wait=False)
+        keeper.join(10)  # its attempts run out, past the lease's deadline
+        assert not keeper.is_alive()
+        assert time.monotonic() > deadline
+    finally:
+        private_redis.resume()
+    assert lease.lost_reason is None
+    assert lease.deadline == deadline
