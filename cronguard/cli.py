@@ -389,7 +389,8 @@ def run_command(
             "--standby",
             metavar="DURATION",
             help="Slot mode: a losing host waits this long and takes the slot "
-            "over if the winner's lease expires before its run ends.",
+            "over if the winner's lease expires before its run ends, or claims "
+            "it once an overrunning earlier run ends.",
         ),
     ] = None,
     redis: RedisNodes = None,

@@ -213,7 +213,11 @@ SLOT_CLAIM = (
 -- length cap, ARGV[5] slot length in ms for fixed slots from the epoch, or 0 to
 -- pick from ARGV[6], a JSON array of consecutive slot boundaries in ms,
 -- ARGV[7] tolerance in ms, ARGV[8] overlap rule ('skip' or 'allow'), ARGV[9]
--- ms to keep the record after its slot ends, ARGV[10..] "started" fields
+-- ms to keep the record after its slot ends, ARGV[10] what a caller does when
+-- an earlier slot's run holds the lease: '' gives up (the slot is recorded as
+-- skipped, so no host runs it late), 'wait' stands by to claim it once that
+-- run ends (nothing is recorded), 'again' is such a standby asking again
+-- (nor is its skip counted), ARGV[11..] "started" fields
 -- The slot is the one that server time + tolerance falls in.  With 'allow'
 -- each slot's run has a lease of its own, KEYS[2] .. ':' .. slot start.
 -- Returns {1, fence, since_ms, slot, end, recorded} when the caller claimed
@@ -222,6 +226,8 @@ SLOT_CLAIM = (
 -- 'past' when a later slot was, 'overlap' when a run of an earlier slot holds
 -- the lease (detail: its value), or 'clock' when the boundaries do not cover
 -- the server's time (detail: that time; nothing was changed or counted).
+-- A retried request whose first attempt claimed the slot finds its own token
+-- in the record and its lease, and claims it again with the same fence.
 local now = now_ms()
 local at = now + tonumber(ARGV[7])
 local start, finish
@@ -244,27 +250,36 @@ local lease = KEYS[2]
 if ARGV[8] == 'allow' then lease = lease .. ':' .. ms(start) end
 local holder = cjson.decode(ARGV[3])
 local function lose(reason, detail, pttl)
-  local counted = redis.pcall('HINCRBY', KEYS[5], holder.host, 1)
-  local recorded = (type(counted) == 'table' and counted.err) and 0 or 1
+  local recorded = 1
+  if ARGV[10] ~= 'again' then
+    local counted = redis.pcall('HINCRBY', KEYS[5], holder.host, 1)
+    recorded = (type(counted) == 'table' and counted.err) and 0 or 1
+  end
   return {0, reason, start, finish, detail, pttl, recorded}
 end
 
-local rec = redis.call('HMGET', KEYS[1], 'slot', 'state', 'holder', 'skipped')
+local rec = redis.call('HMGET', KEYS[1], 'slot', 'state', 'holder', 'skipped',
+  'token', 'fence', 'started')
 local last = tonumber(rec[1]) or -1
 if last > start then return lose('past', rec[3] or '', -2) end
 if last == start then
+  if rec[5] == ARGV[1] and rec[2] == 'running' and owns(redis.call('GET', lease)) then
+    return {1, tonumber(rec[6]), tonumber(rec[7]), start, finish, 1}
+  end
   return lose(rec[2] or 'running', rec[3] or '', redis.call('PTTL', lease))
 end
 if (tonumber(rec[4]) or -1) >= start then return lose('overlap', '', -2) end
 if ARGV[8] ~= 'allow' then
   local current = redis.call('GET', lease)
   if current then
-    -- Recorded by the first host to find the overlap, so once per slot.
-    redis.call('HSET', KEYS[1], 'skipped', ms(start))
-    keep(now, finish + tonumber(ARGV[9]))
-    redis.pcall('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', 'skipped',
-      'reason', 'overlap', 'slot_ms', ms(start), 'host', holder.host,
-      'pid', tostring(holder.pid))
+    if ARGV[10] == '' then
+      -- Recorded by the first host to find the overlap, so once per slot.
+      redis.call('HSET', KEYS[1], 'skipped', ms(start))
+      keep(now, finish + tonumber(ARGV[9]))
+      redis.pcall('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event',
+        'skipped', 'reason', 'overlap', 'slot_ms', ms(start), 'host',
+        holder.host, 'pid', tostring(holder.pid))
+    end
     return lose('overlap', current, redis.call('PTTL', lease))
   end
 end
@@ -279,7 +294,7 @@ redis.call('HSET', KEYS[1], 'slot', ms(start), 'end', ms(finish),
   'token', ARGV[1], 'fence', tostring(fence), 'started', ms(now), 'takeover', '0')
 redis.call('HDEL', KEYS[1], 'status', 'finished')
 keep(now, finish + tonumber(ARGV[9]))
-local recorded = record(KEYS[4], ARGV[4], 10,
+local recorded = record(KEYS[4], ARGV[4], 11,
   {'fence', tostring(fence), 'slot_ms', ms(start)})
 return {1, fence, now, start, finish, recorded}
 """
@@ -299,11 +314,16 @@ SLOT_TAKEOVER = (
 -- Returns {1, fence, since_ms, recorded} when taken over, else {0, state,
 -- lease PTTL, 0}: state 'running' while the lease is held; the recorded state
 -- (done, failed) or 'gone' (a later slot was claimed) when there is no more
--- to wait for.
+-- to wait for.  A retried request whose first attempt took the slot over
+-- finds its own token and takes it again with the same fence.
 local now = now_ms()
-local rec = redis.call('HMGET', KEYS[1], 'slot', 'state', 'holder', 'fence', 'end')
+local rec = redis.call('HMGET', KEYS[1], 'slot', 'state', 'holder', 'fence', 'end',
+  'token', 'taken')
 if rec[1] ~= ARGV[5] then return {0, 'gone', -2, 0} end
 if rec[2] ~= 'running' then return {0, rec[2] or 'gone', -2, 0} end
+if rec[6] == ARGV[1] and owns(redis.call('GET', KEYS[2])) then
+  return {1, tonumber(rec[4]), tonumber(rec[7]), 1}
+end
 local pttl = redis.call('PTTL', KEYS[2])
 if pttl ~= -2 then return {0, 'running', pttl, 0} end
 

@@ -40,7 +40,7 @@ from . import scripts
 from .config import RunSettings, SlotSettings
 from .durations import format_duration
 from .errors import CommandNotExecutable, CommandNotFound, StoreError
-from .lease import STREAM_LENGTH, Lease
+from .lease import STREAM_LENGTH, Holder, Lease
 from .schedule import CronSchedule, Slot
 from .store import Store
 from .supervise import Outcome, SignalRelay, _wait_for, _wake_pipe
@@ -89,12 +89,17 @@ class SlotLease(Lease):
             return f"{self.base_lease_key}:{slot.start_ms}"
         return self.base_lease_key
 
-    def claim(self) -> Claim:
+    def claim(self, *, standby: bool = False) -> Claim:
         """Try to claim the current slot: one round trip, two when the host's
-        clock is too far off the server's for its cron boundaries."""
+        clock is too far off the server's for its cron boundaries.
+
+        With ``standby``, a run of an earlier slot that still holds the lease
+        does not get the slot recorded as skipped: the caller means to wait
+        for that run and claim the slot after it (``claim_again``).
+        """
         around = round(time.time() * 1000)
         for _ in range(2):
-            claim = self._claim_once(around)
+            claim = self._claim_once(around, waiting="wait" if standby else "")
             if claim.reason != "clock":
                 return claim
             around = int(claim.detail)
@@ -106,10 +111,26 @@ class SlotLease(Lease):
             self.store.description,
         )
 
-    def _claim_once(self, around_ms: int) -> Claim:
+    def claim_again(self, slot: Slot) -> Claim:
+        """Ask again for ``slot``, which a run of an earlier slot held off.
+
+        Only ``slot`` itself can be claimed: once the server's clock has left
+        it, the answer is a loss with reason ``past``, and the next slot is
+        left to the hosts that fire for it.
+        """
+        claim = self._claim_once(0, waiting="again", only=slot)
+        if claim.reason == "clock":
+            return Claim(False, slot, "past")
+        return claim
+
+    def _claim_once(
+        self, around_ms: int, *, waiting: str = "", only: Slot | None = None
+    ) -> Claim:
         schedule = self.settings.schedule
         tolerance_ms = round(self.settings.tolerance * 1000)
-        if isinstance(schedule, CronSchedule):
+        if only is not None:
+            length, edges = 0, [only.start_ms, only.end_ms]
+        elif isinstance(schedule, CronSchedule):
             length, edges = 0, schedule.boundaries(
                 around_ms + tolerance_ms, BOUNDARY_MARGIN_MS
             )
@@ -130,17 +151,20 @@ class SlotLease(Lease):
                 tolerance_ms,
                 self.settings.overlap,
                 self._keep_ms,
+                waiting,
                 *self._fields("started", ttl_ms=self.ttl_ms),
             ],
         )
         if reply[0] != 1:
             _, reason, start, end, detail, pttl, recorded = reply
-            reason = _text(reason)
+            reason, detail = _text(reason), _text(detail)
             if not recorded:
                 log.warning("%s: could not count the skip in %s", self.key,
                             self.skips_key)
+            if reason == "overlap" and detail:
+                detail = str(Holder.parse(detail, int(pttl)))  # not its token
             slot = Slot(int(start), int(end)) if reason != "clock" else None
-            return Claim(False, slot, reason, _text(detail), int(pttl))
+            return Claim(False, slot, reason, detail, int(pttl))
 
         _, fence, since, start, end, recorded = reply
         if not recorded:
@@ -246,14 +270,15 @@ def run_slot(
     assert settings.slot is not None
     key = settings.key
     lease = SlotLease(store, key, settings.slot)
+    standby = settings.slot.standby > 0
     try:
-        claim = lease.claim()
+        claim = lease.claim(standby=standby)
     except StoreError as exc:
         return on_store_error(settings, environ, relay, exc)
 
     if not claim.won:
         assert claim.slot is not None
-        if claim.reason == "running" and settings.slot.standby > 0:
+        if standby and _worth_waiting(claim):
             status = _stand_by(settings, lease, claim, relay)
             if status is not None:
                 return status
@@ -298,17 +323,32 @@ def _log_skip(key: str, claim: Claim) -> None:
                  claim.detail, claim.reason)
 
 
+def _worth_waiting(claim: Claim) -> bool:
+    """Whether a standby has a reason to wait for the slot ``claim`` lost: its
+    winner may still die, or an earlier slot's run holding the lease ends."""
+    return claim.reason == "running" or (claim.reason == "overlap"
+                                         and claim.pttl_ms != -2)
+
+
 def _stand_by(
     settings: RunSettings, lease: SlotLease, claim: Claim, relay: SignalRelay
 ) -> int | None:
-    """Wait for the winner of ``claim.slot``; ``None`` once this host took it
-    over, else the exit status to return."""
+    """Wait, up to --standby, for the slot that ``claim`` lost.
+
+    While the slot's winner runs, the standby waits for its lease to expire
+    with the run unrecorded, and then takes the slot over.  While a run of an
+    earlier slot holds the lease, it waits for that run to end and then
+    claims the slot itself, so that an overrun delays a slot instead of
+    losing it.  Returns ``None`` once this host holds the slot, else the exit
+    status to return.
+    """
     assert settings.slot is not None and claim.slot is not None
     key, slot = settings.key, claim.slot
     until = time.monotonic() + settings.slot.standby
-    pttl = claim.pttl_ms
-    log.info("%s: slot %s runs on %s; standing by for %s", key, slot.iso,
-             claim.detail, format_duration(settings.slot.standby))
+    state, pttl, holder = claim.reason, claim.pttl_ms, claim.detail
+    waiting_for = {"running": "runs on", "overlap": "waits for an earlier run on"}
+    log.info("%s: slot %s %s %s; standing by for %s", key, slot.iso,
+             waiting_for[state], holder, format_duration(settings.slot.standby))
     with _wake_pipe() as (wake, _):
         while True:
             left = until - time.monotonic()
@@ -316,15 +356,21 @@ def _stand_by(
                 log.info("%s: standby interrupted by signal %d", key, relay.first)
                 return 128 + relay.first
             if left <= 0:
-                log.info("%s: standby ended; slot %s still runs on %s", key,
-                         slot.iso, claim.detail)
+                log.info("%s: standby ended; slot %s still %s %s", key, slot.iso,
+                         waiting_for[state], holder)
                 return settings.skip_exit
             if pttl != -2:
-                # Just after the lease would expire, unless it is renewed.
-                due = pttl / 1000 + 0.002 if pttl >= 0 else STANDBY_POLL
-                _wait_for(wake, min(due, max(STANDBY_POLL, lease.ttl / 4), left))
+                _wait_for(wake, min(_next_look(state, pttl, lease.ttl), left))
             try:
-                taken, state, pttl = lease.take_over(slot)
+                if state == "overlap":
+                    again = lease.claim_again(slot)
+                    if again.won:
+                        return None
+                    state, pttl, holder = again.reason, again.pttl_ms, again.detail
+                else:
+                    taken, state, pttl = lease.take_over(slot)
+                    if taken:
+                        return None
             except StoreError as exc:
                 # Nothing ran here: "run" cannot mean running beside a
                 # winner that may be alive, so only "fail" reports it.
@@ -332,11 +378,24 @@ def _stand_by(
                     raise
                 log.warning("%s: standby ended, the store failed: %s", key, exc)
                 return settings.skip_exit
-            if taken:
-                return None
-            if state != "running":
-                log.info("%s: slot %s ended on its holder (%s)", key, slot.iso, state)
+            if state not in waiting_for or (state == "overlap" and pttl == -2):
+                log.info("%s: slot %s needs no standby any more (%s)", key,
+                         slot.iso, state)
                 return settings.skip_exit
+
+
+def _next_look(state: str, pttl_ms: int, lease_ttl: float) -> float:
+    """Seconds until a standby asks again.
+
+    A winner's lease is worth asking about just after it would expire, and
+    at least every STANDBY_POLL to notice the end of its run.  An earlier
+    slot's run usually ends by deleting its lease long before that, and the
+    slot waits for it, so that lease is looked at a few times per lease.
+    """
+    due = pttl_ms / 1000 + 0.002 if pttl_ms >= 0 else STANDBY_POLL
+    if state == "overlap":
+        return min(due, STANDBY_POLL, max(0.05, lease_ttl / 10))
+    return min(due, max(STANDBY_POLL, lease_ttl / 4))
 
 
 def _run_command(

@@ -338,6 +338,62 @@ def test_the_previous_run_still_going_skips_the_slot(
     assert skipped and skipped[0]["reason"] == "overlap"
 
 
+def test_a_standby_claims_its_slot_once_the_previous_run_ends(
+    cronguard: Cronguard, client: redis.Redis, key: str, tmp_path: Path,
+    job: list[str],
+) -> None:
+    every = 4 * SECOND
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    away_from_boundary(client, every, 3 * SECOND)
+    first = cronguard.start("--every", "4s", "--lease", "1s", "--key", key, "--",
+                            *job, "ready", str(ready), "await", str(go))
+    wait_until(ready.exists, what="the first run")
+    away_from_boundary(client, every, every - 200)  # now in the next slot
+    slot = iso_utc(server_ms(client) // every * every)
+    second = cronguard.start("-v", "--every", "4s", "--lease", "1s", "--standby",
+                             "3s", "--key", key, "--", *job, "env",
+                             str(tmp_path / "second.json"), CRONGUARD_HOST_ID="b")
+    wait_until(lambda: client.hexists(f"cronguard:{{{key}}}:skips", "b"),
+               what="the standby to find the first run going")
+    go.touch()  # the first run ends, well inside the second slot
+    assert first.wait(20) == 0
+    assert second.wait(20) == 0
+    assert second.stderr is not None
+    assert "waits for an earlier run" in second.stderr.read()
+    ran = read_env(tmp_path / "second.json")
+    assert ran is not None and ran["CRONGUARD_SLOT"] == slot
+    assert "CRONGUARD_TAKEOVER" not in ran
+    kinds = [e["event"] for _, e in events(client, key)]
+    assert kinds == ["started", "finished", "started", "finished"]
+    assert slot_record(client, key)["state"] == "done"
+
+
+def test_a_retried_claim_or_takeover_keeps_what_its_first_attempt_won(
+    redis_server: RedisServer, client: redis.Redis, key: str,
+) -> None:
+    """A request retried after its answer was lost finds its own token and
+    wins again with the same fence, instead of losing to itself."""
+    store = Store(StoreSettings(url=redis_server.url))
+    try:
+        settings = slot_settings(Interval(3600), lease=0.3)
+        first = SlotLease(store, key, settings)
+        claim = first.claim()
+        assert claim.won and claim.slot is not None
+        fence = first.fence
+        again = first.claim()
+        assert again.won and first.fence == fence
+
+        lease = f"cronguard:{{{key}}}:lease"
+        wait_until(lambda: not client.exists(lease), what="the lease to expire")
+        standby = SlotLease(store, key, settings)
+        assert standby.take_over(claim.slot)[0]
+        fence = standby.fence
+        assert standby.take_over(claim.slot)[0] and standby.fence == fence
+        assert fence is not None and first.fence is not None and fence > first.fence
+    finally:
+        store.close()
+
+
 def test_overlap_allow_runs_the_next_slot_alongside(
     cronguard: Cronguard, client: redis.Redis, key: str, tmp_path: Path,
     job: list[str],
