@@ -361,14 +361,13 @@ class Lease:
     def stop_keeping(self, *, wait: bool = True) -> None:
         """Stop renewing; with ``wait``, return only once no renewal is in flight.
 
-        Waiting matters when the lease is to be shortened next (released with
-        a minimum hold): a renewal that lands after that would stretch it
-        again.  Otherwise a renewal still in flight is abandoned, and whatever
-        it brings back is ignored: it can neither mark the lease lost nor
-        move its deadline.  That suits a lease that is lost already, and one
-        that is deleted next, which a late renewal cannot bring back (it finds
-        no lease of its token); a renewal stuck on a slow or unreachable store
-        then delays neither the release nor the exit.
+        Without ``wait`` a renewal still in flight is abandoned, and whatever
+        it brings back is ignored: it can neither mark the lease lost nor move
+        its deadline.  Nor can it stretch the lease in the store once the
+        lease is given back: a deleted lease has no token left to match, and
+        one shortened to its minimum hold is marked released, which renewals
+        are refused.  So a renewal stuck on a slow or unreachable store delays
+        neither the release nor the exit.
         """
         self._stop.set()
         if self._keeper is not None:

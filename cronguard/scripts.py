@@ -98,20 +98,28 @@ RELEASE = (
 -- ARGV[1] token, ARGV[2] minimum hold in ms counted from acquisition (0: none),
 -- ARGV[3] stream length cap, ARGV[4..] fields of an event to record (optional)
 -- Deletes the lease, or when the minimum hold has not passed yet, shortens it
--- to end exactly then.  The event is recorded whether or not the caller
--- still held the lease: a run that lost its lease still finished.
+-- to end exactly then.  A shortened lease is marked released: its token
+-- becomes ARGV[1] .. '-', so that a renewal still on its way from the holder
+-- is refused instead of stretching the hold again, and a retried release
+-- finds it and answers as the first attempt did.  The event is recorded
+-- whether or not the caller still held the lease: a run that lost its lease
+-- still finished.
 -- Returns {ms still held (0 when deleted, -1 when not the caller's), recorded}.
 local current = redis.call('GET', KEYS[1])
+local released = ARGV[1] .. '- '
 local left = -1
 if owns(current) then
-  local holder = cjson.decode(string.sub(current, #ARGV[1] + 2))
+  local details = string.sub(current, #ARGV[1] + 2)
+  local holder = cjson.decode(details)
   left = holder.since + tonumber(ARGV[2]) - now_ms()
   if left > 0 then
-    redis.call('PEXPIRE', KEYS[1], left)
+    redis.call('SET', KEYS[1], released .. details, 'PX', left)
   else
     left = 0
     redis.call('DEL', KEYS[1])
   end
+elseif current and string.sub(current, 1, #released) == released then
+  left = math.max(redis.call('PTTL', KEYS[1]), 1)
 end
 return {left, record(KEYS[2], ARGV[3], 4, {})}
 """

@@ -266,11 +266,10 @@ class Supervisor:
                 reason, returncode = self._watch(process.pid, started, wake_read)
             finally:
                 if self.lease is not None:
-                    # A renewal in flight is waited for only when the lease is
-                    # to be shortened next; one that is deleted next cannot
-                    # be stretched by it (see Lease.stop_keeping).
-                    self.lease.stop_keeping(wait=self.lease.lost_reason is None
-                                            and self.lease.hold_on_exit)
+                    # A renewal still in flight is not waited for: the lease
+                    # is given back next, and the scripts refuse a renewal
+                    # that arrives after that (see Lease.stop_keeping).
+                    self.lease.stop_keeping(wait=False)
                 # From here on the lease's listeners write nowhere: the pipes
                 # close, and their numbers may soon belong to other files.
                 pipes.close()

@@ -111,3 +111,19 @@ def test_a_renewal_left_in_flight_changes_nothing(
         private_redis.resume()
     assert lease.lost_reason is None
     assert lease.deadline == deadline
+
+
+def test_a_lease_shortened_to_its_hold_refuses_a_late_renewal(
+    store: Store, key: str
+) -> None:
+    """A renewal that reaches the store after the release must not stretch
+    the minimum hold again; a retried release still answers as the first."""
+    lease = Lease(store, key, ttl=30)
+    assert lease.try_acquire() is None
+    left = lease.release(hold=5)
+    assert 0 < left <= 5
+    lease.deadline = time.monotonic() + 30  # as the keeper would still see it
+    with pytest.raises(LeaseLost):
+        lease.renew()
+    assert 0 < store.client.pttl(lease.lease_key) <= 5000
+    assert 0 < lease.release(hold=5) <= 5
