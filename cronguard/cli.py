@@ -325,8 +325,9 @@ def run_command(
         _option(
             "--min-replicas",
             metavar="N",
-            help="Count the lease only once N replicas have it (WAIT, up to "
-            "--redis-timeout); else give it back and exit 75.",
+            help="Count the lease, or in slot mode the claim, only once N "
+            "replicas have it (WAIT, up to --redis-timeout); else give it back "
+            "and exit 75 without starting COMMAND.",
         ),
     ] = "0",
     every: Annotated[

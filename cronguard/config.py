@@ -285,7 +285,7 @@ class RunSettings(NamedTuple):
 
     def check_store_fits_mode(self) -> None:
         """Slot mode's scripts run on one server: quorum mode cannot vote on a
-        slot claim, and --min-replicas waits only after a TTL-window lease."""
+        slot claim."""
         if self.slot is None:
             return
         if self.store.nodes:
@@ -293,13 +293,6 @@ class RunSettings(NamedTuple):
                 "slot mode (--every, --schedule) needs one store, not a quorum: "
                 "a slot claimed on a minority of nodes could run twice; give "
                 "--redis (CRONGUARD_REDIS) once"
-            )
-        if self.store.min_replicas:
-            # TODO: WAIT after a slot claim; until then refuse rather than
-            # accept a setting that would not be honoured.
-            raise UsageError(
-                "--min-replicas (CRONGUARD_MIN_REPLICAS) applies to TTL-window "
-                "runs only so far; drop it or --every/--schedule"
             )
 
 

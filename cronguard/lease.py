@@ -192,7 +192,7 @@ class Lease:
             return
 
         try:
-            self.release(event="unreplicated", replicas=acked)
+            self._give_back_unreplicated(acked)
         except StoreError as exc:
             log.warning("%s: could not give the unreplicated lease back, it "
                         "expires by itself: %s", self.key, exc)
@@ -211,6 +211,10 @@ class Lease:
         else:
             text += "replication lags: raise --redis-timeout or check the replicas"
         raise NotReplicated(text, self.store.description)
+
+    def _give_back_unreplicated(self, acked: int) -> None:
+        """Delete a lease that only ``acked`` replicas confirmed, saying why."""
+        self.release(event="unreplicated", replicas=acked)
 
     def acquire(
         self,

@@ -24,6 +24,12 @@ takeover script takes the slot over only when the record still says
 ``running`` and nobody holds the lease, so exactly one standby wins it, with
 a fencing token greater than the lost holder's.
 
+With ``--min-replicas N`` a won claim or takeover counts only once N
+replicas have it (``Lease._await_replicas``): a claim that only the primary
+had would vanish in a failover, and the slot could then run a second time.
+A claim not confirmed in time is given back with the slot left ``running``,
+so the command does not start and a standby may take the slot over.
+
 What a takeover cannot promise: the slot runs at least once and at most once
 *at a time*, but the lost holder's command may have done part of its work.
 """
@@ -39,7 +45,12 @@ from dataclasses import dataclass
 from . import scripts
 from .config import RunSettings, SlotSettings
 from .durations import format_duration
-from .errors import CommandNotExecutable, CommandNotFound, StoreError
+from .errors import (
+    EXIT_STORE_UNAVAILABLE,
+    CommandNotExecutable,
+    CommandNotFound,
+    StoreError,
+)
 from .lease import STREAM_LENGTH, Holder, Lease
 from .schedule import CronSchedule, Slot
 from .store import Store
@@ -170,6 +181,8 @@ class SlotLease(Lease):
         if not recorded:
             log.warning("%s: could not record the run in %s", self.key, self.runs_key)
         self._hold(Slot(int(start), int(end)), int(fence), int(since), sent)
+        if self.store.settings.min_replicas:
+            self._await_replicas()
         log.info("%s: claimed slot %s (fence %d, lease %s)", self.key,
                  self.slot.iso if self.slot else "?", self.fence,
                  format_duration(self.ttl))
@@ -200,9 +213,21 @@ class SlotLease(Lease):
                         self.runs_key)
         self._hold(slot, int(fence), int(since), sent)
         self.takeover = True
+        if self.store.settings.min_replicas:
+            self._await_replicas()
         log.warning("%s: took over slot %s: its holder's lease expired before "
                     "the run ended (fence %d)", self.key, slot.iso, self.fence)
         return True, "running", self.ttl_ms
+
+    def _give_back_unreplicated(self, acked: int) -> None:
+        """Delete the running lease, leaving the slot recorded as running.
+
+        The claim could vanish in a failover, so the command does not start
+        on it; a slot left running without a lease is one that a standby
+        takes over, and the standby waits for the replicas in its turn.
+        """
+        self.finish("", EXIT_STORE_UNAVAILABLE, event="unreplicated",
+                    replicas=acked)
 
     def _extend(self, sent: float) -> float:
         """Extend the lease, and the slot record with it."""

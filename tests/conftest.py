@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from servers import RedisServer
 
 JOB = str(Path(__file__).with_name("job.py"))
@@ -112,3 +113,21 @@ def wait_for(predicate: object, timeout: float = 10.0, what: str = "condition") 
         if time.monotonic() > until:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def server_ms(client: redis.Redis) -> int:
+    """The server's clock, in ms since the epoch."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def away_from_boundary(client: redis.Redis, every_ms: int, margin_ms: int) -> None:
+    """Wait, if need be, until the current slot of ``every_ms`` has
+    ``margin_ms`` left by the server's clock, so that runs started next all
+    fall in one slot."""
+    import time
+
+    now = server_ms(client)
+    left = every_ms - now % every_ms
+    if left < margin_ms:
+        time.sleep((left + 100) / 1000)

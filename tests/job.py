@@ -5,6 +5,8 @@ Its arguments are steps, done in order::
     job.py ready FILE         create FILE, so the test knows the job started
     job.py record FILE        append "HOST PID FENCE START_NS" to FILE
     job.py env FILE           write the environment to FILE as JSON
+    job.py peek URL NAME FILE write the value of key NAME on the server at URL
+                              to FILE (empty when there is none)
     job.py trap FILE          log each forwarded signal's name to FILE, go on
     job.py ignore-term        ignore SIGTERM
     job.py on-term FILE       on SIGTERM append "TERM PID TIME_NS" to FILE, exit 143
@@ -43,6 +45,13 @@ def main(steps: list[str]) -> int:
         elif step == "env":
             with open(steps.pop(0), "w") as handle:
                 json.dump(dict(os.environ), handle)
+        elif step == "peek":
+            import redis
+
+            url, name, path = steps.pop(0), steps.pop(0), steps.pop(0)
+            value = redis.Redis.from_url(url).get(name)
+            with open(path, "wb") as handle:
+                handle.write(value or b"")
         elif step == "trap":
             path = steps.pop(0)
 

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import redis
-from conftest import Cronguard
+from conftest import Cronguard, away_from_boundary, server_ms
 from servers import RedisServer
 
 from cronguard.config import SlotSettings
@@ -49,11 +49,6 @@ def wait_until(condition: Callable[[], Any], timeout: float = 15.0,
             return result
         time.sleep(0.01)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
-def server_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def clock_offset_ms(client: redis.Redis) -> float:
@@ -88,14 +83,6 @@ def read_env(path: Path) -> dict[str, str] | None:
     except (OSError, ValueError):
         return None
     return data
-
-
-def away_from_boundary(client: redis.Redis, every_ms: int, margin_ms: int) -> None:
-    """Wait, if need be, until the current slot has ``margin_ms`` left."""
-    now = server_ms(client)
-    left = every_ms - now % every_ms
-    if left < margin_ms:
-        time.sleep((left + 100) / 1000)
 
 
 def process_gone(pid: int) -> bool:

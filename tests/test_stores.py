@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import Cronguard, wait_for
+import redis
+from conftest import Cronguard, away_from_boundary, wait_for
 from servers import Certificates, Cluster, RedisServer, SentinelSet, TlsServer
+
+from cronguard.lease import Holder
 
 SENTINEL_SECRET = "sentinel-secret"
 DATA_SECRET = "data-secret"
@@ -59,7 +64,11 @@ def lease_key(key: str) -> str:
                                  for p in (1, 2, 3)]],
             "slot mode (--every, --schedule) needs one store, not a quorum",
         ),
-        (["--every", "10s", "--min-replicas", "1"], "applies to TTL-window runs"),
+        (
+            ["--every", "10s", "--min-replicas", "1",
+             *[f"--redis=redis://127.0.0.1:{p}/0" for p in (1, 2, 3)]],
+            "does not apply to quorum mode",
+        ),
         (
             ["--redis", "redis://127.0.0.1:1/0 redis+cluster://127.0.0.1:2 "
              "redis://127.0.0.1:3/0"],
@@ -262,6 +271,107 @@ def test_min_replicas_the_topology_cannot_give_releases_and_exits_75(
     assert not runs.exists()
     # Given back at once: the next host is not kept out for a TTL.
     assert not sentinels.current_primary().client().exists(lease_key(key))
+
+
+# --min-replicas in slot mode
+
+HOUR_MS = 3600 * 1000
+
+
+def slot_record(client: redis.Redis, key: str) -> dict[str, str]:
+    raw = client.hgetall(f"cronguard:{{{key}}}:slot")
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def history(cronguard: Cronguard, key: str, sentinels: SentinelSet
+            ) -> list[dict[str, Any]]:
+    result = cronguard("history", key, "--json", CRONGUARD_REDIS=sentinels.url,
+                       CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+    assert result.returncode == 0, result.stderr
+    events: list[dict[str, Any]] = json.loads(result.stdout)
+    return events
+
+
+def test_slot_mode_starts_the_command_once_a_replica_has_the_claim(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    replica = next(s for s in sentinels.data_servers
+                   if s is not sentinels.current_primary())
+    seen, env = tmp_path / "replica-lease", tmp_path / "env.json"
+    result = cronguard("--every", "1h", "--key", key, "--min-replicas", "1", "--",
+                       *job, "env", str(env), "peek", replica.url, lease_key(key),
+                       str(seen), CRONGUARD_REDIS=sentinels.url,
+                       CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+    assert (result.returncode, result.stderr) == (0, "")
+    # The replica had this run's lease by the time the command started.
+    fence = json.loads(env.read_text())["CRONGUARD_FENCE"]
+    assert Holder.parse(seen.read_bytes(), 0).fence == int(fence)
+    primary = sentinels.current_primary().client()
+    assert slot_record(primary, key)["state"] == "done"
+    assert [e["event"] for e in history(cronguard, key, sentinels)] == [
+        "started", "finished"]
+
+
+def test_slot_mode_unreplicated_claim_is_left_running_and_exits_75(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    runs = tmp_path / "runs"
+    result = cronguard("--every", "1h", "--key", key, "--min-replicas", "2",
+                       "--redis-timeout", "1s", "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=sentinels.url,
+                       CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+    assert result.returncode == 75
+    assert result.stderr.count("\n") == 1
+    assert "--min-replicas (CRONGUARD_MIN_REPLICAS)" in result.stderr
+    assert "only 1 connected replica" in result.stderr, result.stderr
+    assert not runs.exists()
+    primary = sentinels.current_primary().client()
+    assert not primary.exists(lease_key(key))
+    assert slot_record(primary, key)["state"] == "running"
+    events = history(cronguard, key, sentinels)
+    assert [e["event"] for e in events] == ["started", "unreplicated"]
+    assert events[1]["replicas"] == "1" and events[1]["fence"] == events[0]["fence"]
+
+
+def test_an_unreplicated_slot_goes_to_a_standby_that_waits_for_replicas_too(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    sentinels: SentinelSet,
+) -> None:
+    primary = sentinels.current_primary().client()
+    away_from_boundary(primary, HOUR_MS, 60 * 1000)  # all three in one slot
+    runs, env = tmp_path / "runs", tmp_path / "env.json"
+
+    def host(name: str, replicas: str, *steps: str) -> tuple[int, str]:
+        standby = ("--standby", "10s") if name != "a" else ()
+        result = cronguard("--every", "1h", "--key", key, *standby,
+                           "--min-replicas", replicas, "--redis-timeout", "1s",
+                           "--", *job, *steps, "record", str(runs),
+                           CRONGUARD_HOST_ID=name, CRONGUARD_REDIS=sentinels.url,
+                           CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+        return result.returncode, result.stderr
+
+    status, stderr = host("a", "2")
+    assert status == 75, stderr
+    # b takes the slot over, but its takeover is not replicated either.
+    status, stderr = host("b", "2")
+    assert status == 75 and stderr.count("\n") == 1, stderr
+    assert "--min-replicas (CRONGUARD_MIN_REPLICAS)" in stderr
+    assert not primary.exists(lease_key(key))
+    assert slot_record(primary, key)["state"] == "running"
+    # c asks for no more replicas than there are: it takes over and runs.
+    status, stderr = host("c", "1", "env", str(env))
+    assert status == 0, stderr
+
+    assert [line.split()[0] for line in lines(runs)] == ["c"]
+    assert json.loads(env.read_text())["CRONGUARD_TAKEOVER"] == "1"
+    events = history(cronguard, key, sentinels)
+    assert [(e["event"], e["host"]) for e in events] == [
+        ("started", "a"), ("unreplicated", "a"), ("takeover", "b"),
+        ("unreplicated", "b"), ("takeover", "c"), ("finished", "c")]
+    record = slot_record(primary, key)
+    assert record["state"] == "done" and record["takeover"] == "1"
 
 
 # Cluster
