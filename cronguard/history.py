@@ -11,6 +11,8 @@ clocks of the hosts that ran the job say.  The events are:
                  duration_ms: the command ended
 ``failed``       host, pid, fence, status (126 or 127): it could not start
 ``interrupted``  host, pid, fence, signal: stopped before the command started
+``unreplicated`` host, pid, fence, replicas: fewer replicas than
+                 --min-replicas confirmed the lease; the command did not start
 ``released``     host, pid (the operator's), fence, holder: ``cronguard
                  release`` removed a lease
 
@@ -40,9 +42,9 @@ log = logging.getLogger(__name__)
 
 # Events that begin a run, and those that end one.
 STARTS = ("started", "takeover")
-ENDS = ("finished", "failed", "interrupted")
+ENDS = ("finished", "failed", "interrupted", "unreplicated")
 # Fields whose values are whole numbers.
-_NUMBERS = ("pid", "fence", "status", "duration_ms", "ttl_ms", "signal")
+_NUMBERS = ("pid", "fence", "status", "duration_ms", "ttl_ms", "signal", "replicas")
 # Events read per request when looking back for a job's last success.
 _PAGE = 200
 
@@ -162,7 +164,7 @@ OUTCOMES = (
 
 
 def _outcome(event: Event) -> str:
-    if event.kind == "failed":
+    if event.kind in ("failed", "unreplicated"):
         return "not-started"
     if event.kind == "interrupted":
         return "interrupted"

@@ -271,6 +271,11 @@ def test_min_replicas_the_topology_cannot_give_releases_and_exits_75(
     assert not runs.exists()
     # Given back at once: the next host is not kept out for a TTL.
     assert not sentinels.current_primary().client().exists(lease_key(key))
+    # And shown as a run that did not start, not as one whose end is unknown.
+    status = cronguard("status", "--json", key, CRONGUARD_REDIS=sentinels.url,
+                       CRONGUARD_SENTINEL_PASSWORD=SENTINEL_SECRET)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)[0]["last_run"]["outcome"] == "not-started"
 
 
 # --min-replicas in slot mode
