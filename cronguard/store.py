@@ -5,17 +5,23 @@ One interface, several deployments, chosen by the URL's scheme in
 ``open_store``:
 
 - ``redis://``, ``rediss://`` (TLS) and ``unix://``: one server (``Store``).
-- ``redis+sentinel://H:P[,H:P...]/SERVICE[/DB]``: the primary that Sentinel
-  names (``SentinelStore``).  A primary that was demoted answers writes with
-  READONLY; redis-py turns that into a connection error, asks Sentinel again
-  and the request is retried on the new primary.  A lease is never taken on
-  a replica: a replica refuses the acquire script's first write, so the
-  script fails as a whole and the caller sees a ``StoreError``.
-- ``redis+cluster://H:P[,H:P...]``: a Redis Cluster (``ClusterStore``).  Every
-  key of a job carries the hash tag ``{KEY}``, so each script touches one
-  slot and redis-py sends it to that slot's primary, following MOVED and ASK.
+- ``redis+sentinel://H:P[,H:P...]/SERVICE[/DB]``, or ``rediss+sentinel://``
+  for TLS to the sentinels and the data servers alike: the primary that
+  Sentinel names (``SentinelStore``).  A primary that was demoted answers
+  writes with READONLY; redis-py turns that into a connection error, asks
+  Sentinel again and the request is retried on the new primary.  A lease is
+  never taken on a replica: a replica refuses the acquire script's first
+  write, so the script fails as a whole and the caller sees a
+  ``StoreError``.
+- ``redis+cluster://H:P[,H:P...]``, or ``rediss+cluster://`` for TLS to every
+  node: a Redis Cluster (``ClusterStore``).  Every key of a job carries the
+  hash tag ``{KEY}``, so each script touches one slot and redis-py sends it to
+  that slot's primary, following MOVED and ASK.
 - ``--redis`` three or more times: independent primaries voting on each
   lease (``quorum.QuorumStore``, driven by ``quorum.QuorumLease``).
+
+TLS schemes verify the servers' certificates, against ``--tls-ca`` or else
+the system's CAs, and present ``--tls-cert`` to servers that ask for one.
 
 ``--min-replicas N`` adds a ``WAIT`` after a won acquisition, behind a write
 on the same connection (see ``Store.acknowledged_replicas``).
@@ -46,9 +52,10 @@ def _has_module(name: str) -> bool:
 
 DEFAULT_URL = "redis://localhost:6379/0"
 SCHEMES = ("redis", "rediss", "unix")
-SENTINEL_SCHEME = "redis+sentinel"
-CLUSTER_SCHEME = "redis+cluster"
-ALL_SCHEMES = (*SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+ALL_SCHEMES = (*SCHEMES, *SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
+TLS_SCHEMES = ("rediss", "rediss+sentinel", "rediss+cluster")
 
 # Two retries after the first attempt, 0.2 s and 0.4 s apart: enough to ride
 # out a restart or a dropped connection, few enough that a dead store costs a
@@ -121,10 +128,12 @@ class StoreSettings(NamedTuple):
                 "mode, whose nodes are independent primaries; drop one of them"
             )
         tls = [f for f in (self.tls_ca, self.tls_cert, self.tls_key) if f]
-        if tls and not all(scheme_of(u) == "rediss" for u in self.nodes or (self.url,)):
+        if tls and not all(scheme_of(u) in TLS_SCHEMES
+                           for u in self.nodes or (self.url,)):
             raise UsageError(
-                "--tls-ca, --tls-cert and --tls-key apply to rediss:// URLs only; "
-                "change --redis (CRONGUARD_REDIS) to rediss://HOST:PORT/DB"
+                "--tls-ca, --tls-cert and --tls-key apply to TLS stores only; "
+                "change --redis (CRONGUARD_REDIS) to rediss://, rediss+sentinel:// "
+                "or rediss+cluster://"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UsageError(
@@ -142,25 +151,26 @@ def _validate_url(url: str, *, quorum: bool) -> None:
     if scheme not in ALL_SCHEMES:
         raise UsageError(
             f"--redis: {redact(url)!r} is not a store URL; use "
-            "redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH, "
+            "redis://HOST:PORT/DB, unix:///PATH, "
             "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] or "
-            "redis+cluster://HOST:PORT[,HOST:PORT...]"
+            "redis+cluster://HOST:PORT[,HOST:PORT...]; for TLS rediss://, "
+            "rediss+sentinel:// or rediss+cluster://"
         )
     if quorum and scheme not in SCHEMES:
         raise UsageError(
             f"--redis: {redact(url)!r}: quorum mode votes among independent "
             "servers; give each as redis://, rediss:// or unix://"
         )
-    if scheme in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+    if scheme in (*SENTINEL_SCHEMES, *CLUSTER_SCHEMES):
         path = MultiHostURL.parse(url).path
-        if scheme == SENTINEL_SCHEME and (
+        if scheme in SENTINEL_SCHEMES and (
             not 1 <= len(path) <= 2 or not (path[1:] or ["0"])[0].isdigit()
         ):
             raise UsageError(
                 f"--redis: {redact(url)!r} names no service; use "
-                "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+                f"{scheme}://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
             )
-        if scheme == CLUSTER_SCHEME and path not in ((), ("0",)):
+        if scheme in CLUSTER_SCHEMES and path not in ((), ("0",)):
             raise UsageError(
                 f"--redis: {redact(url)!r}: a cluster has database 0 only; "
                 "drop the path from the URL"
@@ -193,7 +203,7 @@ class MultiHostURL(NamedTuple):
         path = path.partition("?")[0]
         userinfo, _, hostlist = netloc.rpartition("@")
         user, _, password = userinfo.partition(":")
-        default_port = 26379 if scheme.lower() == SENTINEL_SCHEME else 6379
+        default_port = 26379 if scheme.lower() in SENTINEL_SCHEMES else 6379
         hosts = []
         for item in hostlist.split(","):
             host, colon, port = item.strip().rpartition(":")
@@ -242,13 +252,29 @@ class Store:
     def _connection_options(self) -> dict[str, Any]:
         """Options of every connection to a data server, whatever the topology."""
         settings = self.settings
-        options: dict[str, Any] = {
+        return {
             "socket_timeout": settings.timeout,
             "socket_connect_timeout": settings.timeout,
             "retry_on_error": [redis.exceptions.BusyLoadingError],
             "protocol": 2,  # RESP3 would cost a HELLO round trip per connection
             **QUIET_HANDSHAKE,
+            **self._tls_options(),
         }
+
+    def _tls_options(self) -> dict[str, Any]:
+        """TLS for every connection of a TLS scheme, none for the others.
+
+        redis-py verifies the certificate and the host name by default: the
+        options name the CA (else the system's) and the client certificate.
+        A ``rediss://`` URL alone makes ``from_url`` use TLS, and an ``ssl``
+        beside it would reach the connection class as an unknown argument;
+        Sentinel and Cluster clients take ``ssl=True``, with which Sentinel's
+        pool makes ``SentinelManagedSSLConnection`` objects.
+        """
+        settings = self.settings
+        if settings.scheme not in TLS_SCHEMES:
+            return {}
+        options: dict[str, Any] = {} if settings.scheme == "rediss" else {"ssl": True}
         if settings.tls_ca:
             options["ssl_ca_certs"] = settings.tls_ca
         if settings.tls_cert:
@@ -365,7 +391,10 @@ class SentinelStore(Store):
 
     The URL's password is the data servers' password.  Sentinels often have
     one of their own (``requirepass`` in sentinel.conf): it comes from
-    ``CRONGUARD_SENTINEL_PASSWORD`` or ``--sentinel-password-file``.
+    ``CRONGUARD_SENTINEL_PASSWORD`` or ``--sentinel-password-file``.  TLS
+    (``rediss+sentinel://``) is all or nothing: the sentinels and the data
+    servers are reached with the same CA and client certificate, as they are
+    set up with ``tls-port`` and ``tls-replication yes`` on every one.
 
     WARNING: after a forced failover the old primary goes on accepting writes
     until the sentinels demote it, seconds later.  A holder whose connection
@@ -407,7 +436,7 @@ class SentinelStore(Store):
         if not parsed.path or len(parsed.path) > 2:
             raise UsageError(
                 f"--redis: {self.description!r} names no service; use "
-                "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+                f"{parsed.scheme}://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
             )
         service = parsed.path[0]
         db = parsed.path[1] if len(parsed.path) > 1 else "0"
@@ -419,7 +448,7 @@ class SentinelStore(Store):
         sentinel_options = {
             key: options[key]
             for key in ("socket_timeout", "socket_connect_timeout", "protocol",
-                        *QUIET_HANDSHAKE)
+                        *QUIET_HANDSHAKE, *self._tls_options())
         }
         # No retries per sentinel: asking the next sentinel is the retry, and
         # redis-py's default would retry even a refused password with backoff.
@@ -512,8 +541,8 @@ def open_store(settings: StoreSettings) -> Store:
         from .quorum import QuorumStore
 
         return QuorumStore(settings)
-    if settings.scheme == SENTINEL_SCHEME:
+    if settings.scheme in SENTINEL_SCHEMES:
         return SentinelStore(settings)
-    if settings.scheme == CLUSTER_SCHEME:
+    if settings.scheme in CLUSTER_SCHEMES:
         return ClusterStore(settings)
     return Store(settings)
