@@ -30,6 +30,7 @@ on the same connection (see ``Store.acknowledged_replicas``).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -84,6 +85,42 @@ def redact(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{hostport}" if ":" in userinfo else netloc
     return f"{scheme}://{netloc}{slash}{path}"
+
+
+# An OpenSSL failure as Python's ssl module words it inside redis-py's message:
+# "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ... (_ssl.c:1006)".
+_SSL_FAILURE = re.compile(r"\[SSL: (\w+)\] ([^(]+)")
+
+
+# What the ssl module says when the peer closes the connection without a TLS
+# close: a server that wants a client certificate does so right after the
+# handshake, and the client may be writing then rather than reading the alert.
+_SSL_EOF = "EOF occurred in violation of protocol"
+
+
+def tls_failure(message: str) -> str | None:
+    """The TLS problem named in ``message`` and its fix, or None if none is."""
+    found = _SSL_FAILURE.search(message)
+    if not found and _SSL_EOF in message:
+        return (f"the server ended the TLS session at once ({_SSL_EOF}), as it "
+                "does when it wants a client certificate it trusts; give one by "
+                "--tls-cert (CRONGUARD_TLS_CERT) and --tls-key (CRONGUARD_TLS_KEY)")
+    if not found:
+        return None
+    code, reason = found[1], found[2].strip().rstrip(".")
+    if code == "CERTIFICATE_VERIFY_FAILED" and "mismatch" in reason:
+        fix = ("give --redis (CRONGUARD_REDIS) the host names or addresses that "
+               "the server certificates name")
+    elif code == "CERTIFICATE_VERIFY_FAILED":
+        fix = ("give the CA that signed the server certificates by --tls-ca "
+               "(CRONGUARD_TLS_CA)")
+    elif any(alert in code for alert in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE",
+                                         "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")):
+        fix = ("the server asks for a client certificate it trusts; give one by "
+               "--tls-cert (CRONGUARD_TLS_CERT) and --tls-key (CRONGUARD_TLS_KEY)")
+    else:
+        fix = "check --tls-ca, --tls-cert and --tls-key against the server's TLS set-up"
+    return f"TLS handshake failed ({reason}); {fix}"
 
 
 def url_has_password(url: str) -> bool:
@@ -330,7 +367,10 @@ class Store:
         """Describe ``exc`` as the store's failure, with the fix for it."""
         where = self.description
         limit = f"{self.settings.timeout:g}s"
-        if isinstance(exc, redis.AuthenticationError):
+        tls = tls_failure(str(exc))
+        if tls:
+            text = f"{where}: {tls}"
+        elif isinstance(exc, redis.AuthenticationError):
             text = (
                 f"{where}: authentication failed ({exc}); check the password "
                 "given by the URL, CRONGUARD_REDIS_PASSWORD or --redis-password-file"
@@ -411,6 +451,35 @@ class SentinelStore(Store):
     """
 
     _asked = False
+
+    def error(self, exc: BaseException) -> StoreError:
+        return super().error(self._sentinels_cause(exc))
+
+    def _sentinels_cause(self, exc: BaseException) -> BaseException:
+        """What hid behind "no sentinel answered", if it was TLS.
+
+        redis-py's ``MasterNotFoundError`` lists each sentinel's failure, but
+        redis-py 8 shows an exception by its class alone, which hides a
+        certificate that did not verify.  So one sentinel is asked once more,
+        on this failure path only, and its error is the cause when it names
+        a TLS problem.  Not when any sentinel timed out: asking again could
+        cost another --redis-timeout.
+        """
+        listed = str(exc)
+        if (not isinstance(exc, redis.sentinel.MasterNotFoundError)
+                or self.settings.scheme not in TLS_SCHEMES
+                or tls_failure(listed) or "ConnectionError" not in listed
+                or "TimeoutError" in listed):
+            return exc
+        pool: Any = self.client.connection_pool  # a SentinelConnectionPool
+        try:
+            pool.sentinel_manager.sentinels[0].ping()
+        except redis.ConnectionError as cause:
+            if tls_failure(str(cause)):
+                return cause
+        except redis.RedisError:
+            pass
+        return exc
 
     def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if self._asked:

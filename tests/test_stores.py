@@ -156,6 +156,7 @@ def test_tls_refuses_a_server_whose_certificate_it_cannot_verify(
     )
     assert result.returncode == 75
     assert "certificate verify failed" in result.stderr, result.stderr
+    assert "--tls-ca (CRONGUARD_TLS_CA)" in result.stderr
     assert result.stderr.count("\n") == 1
     assert not runs.exists()
 
@@ -168,6 +169,8 @@ def test_tls_without_the_client_certificate_the_server_asks_for(
     result = cronguard("--key", key, "--tls-ca", str(certs.ca), "--", *job, "record",
                        str(runs), CRONGUARD_REDIS=tls_server.tls_url)
     assert result.returncode == 75, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "client certificate" in result.stderr and "--tls-cert" in result.stderr
     assert not runs.exists()
 
 
@@ -236,6 +239,42 @@ def test_tls_cluster_runs_once_on_the_slots_primary(
     assert len(shards) > 1, "every key landed on one shard; the test proves little"
 
 
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+@pytest.mark.parametrize("ca", ["system", "other"])
+def test_tls_topology_with_the_wrong_ca_exits_75_naming_the_certificate(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    certs: Certificates, request: pytest.FixtureRequest, topology: str, ca: str,
+) -> None:
+    url = request.getfixturevalue(f"tls_{topology}s" if topology == "sentinel"
+                                  else "tls_cluster").url
+    runs = tmp_path / "runs"
+    given = tls_options(certs, certs.other_ca)[(2 if ca == "system" else 0):]
+    result = cronguard("--key", key, *given, "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=url)
+    assert result.returncode == 75, result.stderr
+    assert result.stderr.startswith(f"cronguard: error: {url}: "), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "certificate verify failed" in result.stderr
+    assert "--tls-ca (CRONGUARD_TLS_CA)" in result.stderr
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_tls_topology_without_a_client_certificate_names_the_fix(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    certs: Certificates, request: pytest.FixtureRequest, topology: str,
+) -> None:
+    url = request.getfixturevalue(f"tls_{topology}s" if topology == "sentinel"
+                                  else "tls_cluster").url
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--tls-ca", str(certs.ca), "--", *job,
+                       "record", str(runs), CRONGUARD_REDIS=url)
+    assert result.returncode == 75, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "client certificate" in result.stderr and "--tls-cert" in result.stderr
+    assert not runs.exists()
+
+
 def test_doctor_over_tls_sentinel_checks_the_primary(
     cronguard: Cronguard, tls_sentinels: SentinelSet, certs: Certificates,
 ) -> None:
@@ -252,6 +291,17 @@ def test_doctor_over_tls_sentinel_checks_the_primary(
     # The test servers keep no data on disk; every other check passes.
     assert [check for check, level in checks if level != "ok"] == ["persistence"]
     assert result.returncode == 1
+
+
+def test_doctor_over_tls_sentinel_with_the_wrong_ca_names_it(
+    cronguard: Cronguard, tls_sentinels: SentinelSet, certs: Certificates,
+) -> None:
+    result = cronguard("doctor", *tls_options(certs, certs.other_ca),
+                       CRONGUARD_REDIS=tls_sentinels.url)
+    assert result.returncode == 1
+    assert result.stdout.startswith("FAIL  reachable: ")
+    assert result.stdout.count("\n") == 1
+    assert "certificate verify failed" in result.stdout
 
 
 # Sentinel
