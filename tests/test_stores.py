@@ -585,6 +585,7 @@ def test_the_man_page_and_readme_name_every_store_option() -> None:
     readme = (root / "README.md").read_text()
     for option in ("--sentinel-password-file", "--tls-ca", "--tls-cert", "--tls-key",
                    "--min-replicas", "redis+sentinel://", "redis+cluster://",
+                   "rediss+sentinel://", "rediss+cluster://",
                    "CRONGUARD_SENTINEL_PASSWORD"):
         assert option in man, option
         assert option in readme, option
