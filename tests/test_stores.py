@@ -293,6 +293,17 @@ def test_doctor_over_tls_sentinel_checks_the_primary(
     assert result.returncode == 1
 
 
+def test_doctor_pointed_at_a_tls_sentinel_names_the_tls_sentinel_scheme(
+    cronguard: Cronguard, tls_sentinels: SentinelSet, certs: Certificates,
+) -> None:
+    sentinel = tls_sentinels.sentinels[0]
+    result = cronguard("doctor", *tls_options(certs), CRONGUARD_REDIS=sentinel.url)
+    assert result.returncode == 1
+    server = next(line for line in result.stdout.splitlines()
+                  if line.startswith("FAIL  server: "))
+    assert "is a Sentinel" in server and "use rediss+sentinel://" in server
+
+
 def test_doctor_over_tls_sentinel_with_the_wrong_ca_names_it(
     cronguard: Cronguard, tls_sentinels: SentinelSet, certs: Certificates,
 ) -> None:
