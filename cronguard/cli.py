@@ -142,8 +142,9 @@ Redis = Annotated[
     _option(
         "--redis",
         metavar="URL",
-        help="Lock store: redis://, rediss:// or unix:// URL, "
-        "redis+sentinel://H:P[,H:P...]/SERVICE[/DB] or redis+cluster://H:P[,...] "
+        help="Lock store: redis:// or unix:// URL, "
+        "redis+sentinel://H:P[,H:P...]/SERVICE[/DB] or redis+cluster://H:P[,...]; "
+        "rediss://, rediss+sentinel://, rediss+cluster:// for TLS "
         "[default: REDIS_URL, else redis://localhost:6379/0].",
     ),
 ]
@@ -153,9 +154,10 @@ RedisNodes = Annotated[
     _option(
         "--redis",
         metavar="URL",
-        help="Lock store: redis://, rediss:// or unix:// URL, "
+        help="Lock store: redis:// or unix:// URL, "
         "redis+sentinel://H:P[,H:P...]/SERVICE[/DB] or "
-        "redis+cluster://H:P[,H:P...]; three or more times for a quorum "
+        "redis+cluster://H:P[,H:P...]; rediss://, rediss+sentinel://, "
+        "rediss+cluster:// for TLS; three or more times for a quorum "
         "[default: REDIS_URL, else redis://localhost:6379/0].",
     ),
 ]
@@ -189,8 +191,8 @@ TlsCa = Annotated[
     _option(
         "--tls-ca",
         metavar="FILE",
-        help="CA certificates (PEM) to verify a rediss:// server "
-        "[default: the system's].",
+        help="CA certificates (PEM) to verify the servers of a rediss://, "
+        "rediss+sentinel:// or rediss+cluster:// store [default: the system's].",
     ),
 ]
 TlsCert = Annotated[
@@ -198,7 +200,7 @@ TlsCert = Annotated[
     _option(
         "--tls-cert",
         metavar="FILE",
-        help="Client certificate (PEM) for a rediss:// server that asks for one.",
+        help="Client certificate (PEM) for TLS servers that ask for one.",
     ),
 ]
 TlsKey = Annotated[

@@ -137,9 +137,11 @@ class Doctor:
         product = "Valkey" if "valkey_version" in info else "Redis"
         mode = str(info.get("redis_mode") or info.get("server_mode") or "standalone")
         if mode == "sentinel":
+            scheme = ("rediss+sentinel" if self.store.settings.scheme == "rediss"
+                      else "redis+sentinel")
             yield Finding(FAIL, "server",
                           f"{product} {version} is a Sentinel, which holds no "
-                          "data; use redis+sentinel://HOST:PORT/SERVICE in "
+                          f"data; use {scheme}://HOST:PORT/SERVICE in "
                           "--redis (CRONGUARD_REDIS)")
             return
         role = str(self._info("replication").get("role", "master"))

@@ -5,17 +5,23 @@ One interface, several deployments, chosen by the URL's scheme in
 ``open_store``:
 
 - ``redis://``, ``rediss://`` (TLS) and ``unix://``: one server (``Store``).
-- ``redis+sentinel://H:P[,H:P...]/SERVICE[/DB]``: the primary that Sentinel
-  names (``SentinelStore``).  A primary that was demoted answers writes with
-  READONLY; redis-py turns that into a connection error, asks Sentinel again
-  and the request is retried on the new primary.  A lease is never taken on
-  a replica: a replica refuses the acquire script's first write, so the
-  script fails as a whole and the caller sees a ``StoreError``.
-- ``redis+cluster://H:P[,H:P...]``: a Redis Cluster (``ClusterStore``).  Every
-  key of a job carries the hash tag ``{KEY}``, so each script touches one
-  slot and redis-py sends it to that slot's primary, following MOVED and ASK.
+- ``redis+sentinel://H:P[,H:P...]/SERVICE[/DB]``, or ``rediss+sentinel://``
+  for TLS to the sentinels and the data servers alike: the primary that
+  Sentinel names (``SentinelStore``).  A primary that was demoted answers
+  writes with READONLY; redis-py turns that into a connection error, asks
+  Sentinel again and the request is retried on the new primary.  A lease is
+  never taken on a replica: a replica refuses the acquire script's first
+  write, so the script fails as a whole and the caller sees a
+  ``StoreError``.
+- ``redis+cluster://H:P[,H:P...]``, or ``rediss+cluster://`` for TLS to every
+  node: a Redis Cluster (``ClusterStore``).  Every key of a job carries the
+  hash tag ``{KEY}``, so each script touches one slot and redis-py sends it to
+  that slot's primary, following MOVED and ASK.
 - ``--redis`` three or more times: independent primaries voting on each
   lease (``quorum.QuorumStore``, driven by ``quorum.QuorumLease``).
+
+TLS schemes verify the servers' certificates, against ``--tls-ca`` or else
+the system's CAs, and present ``--tls-cert`` to servers that ask for one.
 
 ``--min-replicas N`` adds a ``WAIT`` after a won acquisition, behind a write
 on the same connection (see ``Store.acknowledged_replicas``).
@@ -24,6 +30,7 @@ on the same connection (see ``Store.acknowledged_replicas``).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
@@ -46,9 +53,10 @@ def _has_module(name: str) -> bool:
 
 DEFAULT_URL = "redis://localhost:6379/0"
 SCHEMES = ("redis", "rediss", "unix")
-SENTINEL_SCHEME = "redis+sentinel"
-CLUSTER_SCHEME = "redis+cluster"
-ALL_SCHEMES = (*SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+ALL_SCHEMES = (*SCHEMES, *SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
+TLS_SCHEMES = ("rediss", "rediss+sentinel", "rediss+cluster")
 
 # Two retries after the first attempt, 0.2 s and 0.4 s apart: enough to ride
 # out a restart or a dropped connection, few enough that a dead store costs a
@@ -77,6 +85,42 @@ def redact(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{hostport}" if ":" in userinfo else netloc
     return f"{scheme}://{netloc}{slash}{path}"
+
+
+# An OpenSSL failure as Python's ssl module words it inside redis-py's message:
+# "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ... (_ssl.c:1006)".
+_SSL_FAILURE = re.compile(r"\[SSL: (\w+)\] ([^(]+)")
+
+
+# What the ssl module says when the peer closes the connection without a TLS
+# close: a server that wants a client certificate does so right after the
+# handshake, and the client may be writing then rather than reading the alert.
+_SSL_EOF = "EOF occurred in violation of protocol"
+
+
+def tls_failure(message: str) -> str | None:
+    """The TLS problem named in ``message`` and its fix, or None if none is."""
+    found = _SSL_FAILURE.search(message)
+    if not found and _SSL_EOF in message:
+        return (f"the server ended the TLS session at once ({_SSL_EOF}), as it "
+                "does when it wants a client certificate it trusts; give one by "
+                "--tls-cert (CRONGUARD_TLS_CERT) and --tls-key (CRONGUARD_TLS_KEY)")
+    if not found:
+        return None
+    code, reason = found[1], found[2].strip().rstrip(".")
+    if code == "CERTIFICATE_VERIFY_FAILED" and "mismatch" in reason:
+        fix = ("give --redis (CRONGUARD_REDIS) the host names or addresses that "
+               "the server certificates name")
+    elif code == "CERTIFICATE_VERIFY_FAILED":
+        fix = ("give the CA that signed the server certificates by --tls-ca "
+               "(CRONGUARD_TLS_CA)")
+    elif any(alert in code for alert in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE",
+                                         "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")):
+        fix = ("the server asks for a client certificate it trusts; give one by "
+               "--tls-cert (CRONGUARD_TLS_CERT) and --tls-key (CRONGUARD_TLS_KEY)")
+    else:
+        fix = "check --tls-ca, --tls-cert and --tls-key against the server's TLS set-up"
+    return f"TLS handshake failed ({reason}); {fix}"
 
 
 def url_has_password(url: str) -> bool:
@@ -121,10 +165,12 @@ class StoreSettings(NamedTuple):
                 "mode, whose nodes are independent primaries; drop one of them"
             )
         tls = [f for f in (self.tls_ca, self.tls_cert, self.tls_key) if f]
-        if tls and not all(scheme_of(u) == "rediss" for u in self.nodes or (self.url,)):
+        if tls and not all(scheme_of(u) in TLS_SCHEMES
+                           for u in self.nodes or (self.url,)):
             raise UsageError(
-                "--tls-ca, --tls-cert and --tls-key apply to rediss:// URLs only; "
-                "change --redis (CRONGUARD_REDIS) to rediss://HOST:PORT/DB"
+                "--tls-ca, --tls-cert and --tls-key apply to TLS stores only; "
+                "change --redis (CRONGUARD_REDIS) to rediss://, rediss+sentinel:// "
+                "or rediss+cluster://"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UsageError(
@@ -142,25 +188,26 @@ def _validate_url(url: str, *, quorum: bool) -> None:
     if scheme not in ALL_SCHEMES:
         raise UsageError(
             f"--redis: {redact(url)!r} is not a store URL; use "
-            "redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH, "
+            "redis://HOST:PORT/DB, unix:///PATH, "
             "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] or "
-            "redis+cluster://HOST:PORT[,HOST:PORT...]"
+            "redis+cluster://HOST:PORT[,HOST:PORT...]; for TLS rediss://, "
+            "rediss+sentinel:// or rediss+cluster://"
         )
     if quorum and scheme not in SCHEMES:
         raise UsageError(
             f"--redis: {redact(url)!r}: quorum mode votes among independent "
             "servers; give each as redis://, rediss:// or unix://"
         )
-    if scheme in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+    if scheme in (*SENTINEL_SCHEMES, *CLUSTER_SCHEMES):
         path = MultiHostURL.parse(url).path
-        if scheme == SENTINEL_SCHEME and (
+        if scheme in SENTINEL_SCHEMES and (
             not 1 <= len(path) <= 2 or not (path[1:] or ["0"])[0].isdigit()
         ):
             raise UsageError(
                 f"--redis: {redact(url)!r} names no service; use "
-                "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+                f"{scheme}://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
             )
-        if scheme == CLUSTER_SCHEME and path not in ((), ("0",)):
+        if scheme in CLUSTER_SCHEMES and path not in ((), ("0",)):
             raise UsageError(
                 f"--redis: {redact(url)!r}: a cluster has database 0 only; "
                 "drop the path from the URL"
@@ -193,7 +240,7 @@ class MultiHostURL(NamedTuple):
         path = path.partition("?")[0]
         userinfo, _, hostlist = netloc.rpartition("@")
         user, _, password = userinfo.partition(":")
-        default_port = 26379 if scheme.lower() == SENTINEL_SCHEME else 6379
+        default_port = 26379 if scheme.lower() in SENTINEL_SCHEMES else 6379
         hosts = []
         for item in hostlist.split(","):
             host, colon, port = item.strip().rpartition(":")
@@ -242,13 +289,29 @@ class Store:
     def _connection_options(self) -> dict[str, Any]:
         """Options of every connection to a data server, whatever the topology."""
         settings = self.settings
-        options: dict[str, Any] = {
+        return {
             "socket_timeout": settings.timeout,
             "socket_connect_timeout": settings.timeout,
             "retry_on_error": [redis.exceptions.BusyLoadingError],
             "protocol": 2,  # RESP3 would cost a HELLO round trip per connection
             **QUIET_HANDSHAKE,
+            **self._tls_options(),
         }
+
+    def _tls_options(self) -> dict[str, Any]:
+        """TLS for every connection of a TLS scheme, none for the others.
+
+        redis-py verifies the certificate and the host name by default: the
+        options name the CA (else the system's) and the client certificate.
+        A ``rediss://`` URL alone makes ``from_url`` use TLS, and an ``ssl``
+        beside it would reach the connection class as an unknown argument;
+        Sentinel and Cluster clients take ``ssl=True``, with which Sentinel's
+        pool makes ``SentinelManagedSSLConnection`` objects.
+        """
+        settings = self.settings
+        if settings.scheme not in TLS_SCHEMES:
+            return {}
+        options: dict[str, Any] = {} if settings.scheme == "rediss" else {"ssl": True}
         if settings.tls_ca:
             options["ssl_ca_certs"] = settings.tls_ca
         if settings.tls_cert:
@@ -304,7 +367,10 @@ class Store:
         """Describe ``exc`` as the store's failure, with the fix for it."""
         where = self.description
         limit = f"{self.settings.timeout:g}s"
-        if isinstance(exc, redis.AuthenticationError):
+        tls = tls_failure(str(exc))
+        if tls:
+            text = f"{where}: {tls}"
+        elif isinstance(exc, redis.AuthenticationError):
             text = (
                 f"{where}: authentication failed ({exc}); check the password "
                 "given by the URL, CRONGUARD_REDIS_PASSWORD or --redis-password-file"
@@ -365,7 +431,10 @@ class SentinelStore(Store):
 
     The URL's password is the data servers' password.  Sentinels often have
     one of their own (``requirepass`` in sentinel.conf): it comes from
-    ``CRONGUARD_SENTINEL_PASSWORD`` or ``--sentinel-password-file``.
+    ``CRONGUARD_SENTINEL_PASSWORD`` or ``--sentinel-password-file``.  TLS
+    (``rediss+sentinel://``) is all or nothing: the sentinels and the data
+    servers are reached with the same CA and client certificate, as they are
+    set up with ``tls-port`` and ``tls-replication yes`` on every one.
 
     WARNING: after a forced failover the old primary goes on accepting writes
     until the sentinels demote it, seconds later.  A holder whose connection
@@ -382,6 +451,35 @@ class SentinelStore(Store):
     """
 
     _asked = False
+
+    def error(self, exc: BaseException) -> StoreError:
+        return super().error(self._sentinels_cause(exc))
+
+    def _sentinels_cause(self, exc: BaseException) -> BaseException:
+        """What hid behind "no sentinel answered", if it was TLS.
+
+        redis-py's ``MasterNotFoundError`` lists each sentinel's failure, but
+        redis-py 8 shows an exception by its class alone, which hides a
+        certificate that did not verify.  So one sentinel is asked once more,
+        on this failure path only, and its error is the cause when it names
+        a TLS problem.  Not when any sentinel timed out: asking again could
+        cost another --redis-timeout.
+        """
+        listed = str(exc)
+        if (not isinstance(exc, redis.sentinel.MasterNotFoundError)
+                or self.settings.scheme not in TLS_SCHEMES
+                or tls_failure(listed) or "ConnectionError" not in listed
+                or "TimeoutError" in listed):
+            return exc
+        pool: Any = self.client.connection_pool  # a SentinelConnectionPool
+        try:
+            pool.sentinel_manager.sentinels[0].ping()
+        except redis.ConnectionError as cause:
+            if tls_failure(str(cause)):
+                return cause
+        except redis.RedisError:
+            pass
+        return exc
 
     def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if self._asked:
@@ -407,7 +505,7 @@ class SentinelStore(Store):
         if not parsed.path or len(parsed.path) > 2:
             raise UsageError(
                 f"--redis: {self.description!r} names no service; use "
-                "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+                f"{parsed.scheme}://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
             )
         service = parsed.path[0]
         db = parsed.path[1] if len(parsed.path) > 1 else "0"
@@ -419,7 +517,7 @@ class SentinelStore(Store):
         sentinel_options = {
             key: options[key]
             for key in ("socket_timeout", "socket_connect_timeout", "protocol",
-                        *QUIET_HANDSHAKE)
+                        *QUIET_HANDSHAKE, *self._tls_options())
         }
         # No retries per sentinel: asking the next sentinel is the retry, and
         # redis-py's default would retry even a refused password with backoff.
@@ -512,8 +610,8 @@ def open_store(settings: StoreSettings) -> Store:
         from .quorum import QuorumStore
 
         return QuorumStore(settings)
-    if settings.scheme == SENTINEL_SCHEME:
+    if settings.scheme in SENTINEL_SCHEMES:
         return SentinelStore(settings)
-    if settings.scheme == CLUSTER_SCHEME:
+    if settings.scheme in CLUSTER_SCHEMES:
         return ClusterStore(settings)
     return Store(settings)

@@ -75,7 +75,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One ``redis-server`` process that a test can stop, pause and restart."""
+    """One ``redis-server`` process that a test can stop, pause and restart.
+
+    With ``tls`` it speaks TLS only: ``port`` is its ``tls-port`` and every
+    client must show a certificate signed by the test CA.  Replication, the
+    cluster bus and a sentinel's links to the servers it watches use TLS as
+    well (``tls-replication``, ``tls-cluster``).  ``client()`` brings the
+    client certificate.
+    """
 
     def __init__(
         self,
@@ -85,6 +92,7 @@ class RedisServer:
         unix_socket: bool = False,
         args: Sequence[str] = (),
         config_lines: Sequence[str] = (),
+        tls: Certificates | None = None,
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -92,11 +100,13 @@ class RedisServer:
         self.socket_path = str(directory / "redis.sock") if unix_socket else None
         self.args = list(args)
         self.config_lines = list(config_lines)
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     @property
     def unix_url(self) -> str:
@@ -105,9 +115,14 @@ class RedisServer:
 
     def command_line(self) -> list[str]:
         config = self.directory / "redis.conf"
+        ports = [f"port {self.port}"]
+        if self.tls:
+            ports = ["port 0", f"tls-port {self.port}",
+                     *_tls_lines(self.tls, client_certs=True),
+                     "tls-replication yes", "tls-cluster yes"]
         lines = [
             "bind 127.0.0.1",
-            f"port {self.port}",
+            *ports,
             f"dir {self.directory}",
             'save ""',
             "appendonly no",
@@ -153,7 +168,12 @@ class RedisServer:
         raise RuntimeError(f"redis-server on {self.port} did not come up: {last}")
 
     def client(self, **kwargs: object) -> redis.Redis:
-        options: dict[str, object] = {"socket_timeout": 5, **kwargs}
+        options: dict[str, object] = {"socket_timeout": 5}
+        if self.tls:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca),
+                           ssl_certfile=str(self.tls.client_cert),
+                           ssl_keyfile=str(self.tls.client_key))
+        options.update(kwargs)
         return redis.Redis(host="127.0.0.1", port=self.port, **options)  # type: ignore[arg-type]
 
     def pause(self) -> None:
@@ -253,6 +273,17 @@ class Certificates:
                       "-out", str(cert), "-extfile", str(extensions))
 
 
+def _tls_lines(certs: Certificates, *, client_certs: bool) -> list[str]:
+    """Configuration of a server with the test CA's certificate, which it also
+    shows as a client (to its primary, to other cluster nodes, sentinels)."""
+    return [
+        f"tls-cert-file {certs.server_cert}",
+        f"tls-key-file {certs.server_key}",
+        f"tls-ca-cert-file {certs.ca}",
+        f"tls-auth-clients {'yes' if client_certs else 'no'}",
+    ]
+
+
 class TlsServer(RedisServer):
     """A server that also listens with TLS on ``tls_port``, asking clients for
     a certificate signed by the test CA when ``client_certs`` is set."""
@@ -263,13 +294,8 @@ class TlsServer(RedisServer):
         self.tls_port = free_port()
         super().__init__(
             directory,
-            config_lines=[
-                f"tls-port {self.tls_port}",
-                f"tls-cert-file {certs.server_cert}",
-                f"tls-key-file {certs.server_key}",
-                f"tls-ca-cert-file {certs.ca}",
-                f"tls-auth-clients {'yes' if client_certs else 'no'}",
-            ],
+            config_lines=[f"tls-port {self.tls_port}",
+                          *_tls_lines(certs, client_certs=client_certs)],
         )
 
     @property
@@ -284,7 +310,8 @@ class SentinelSet:
     """A primary, ``replicas`` replicas and three sentinels for ``service``.
 
     The sentinels judge a silent primary down after ``down_after`` ms, so a
-    killed primary is replaced within a few seconds.
+    killed primary is replaced within a few seconds.  With ``tls`` every
+    server and sentinel speaks TLS only (see ``RedisServer``).
     """
 
     def __init__(
@@ -295,16 +322,19 @@ class SentinelSet:
         service: str = "jobs",
         down_after: int = 800,
         sentinel_password: str | None = None,
+        tls: Certificates | None = None,
     ) -> None:
         self.directory = directory
         self.service = service
+        self.tls = tls
         self.primary = RedisServer(directory / "primary",
-                                   config_lines=["repl-diskless-sync no"])
+                                   config_lines=["repl-diskless-sync no"], tls=tls)
         self.replicas = [
             RedisServer(
                 directory / f"replica{n}",
                 config_lines=[f"replicaof 127.0.0.1 {self.primary.port}",
                               "replica-serve-stale-data yes"],
+                tls=tls,
             )
             for n in range(replicas)
         ]
@@ -320,6 +350,7 @@ class SentinelSet:
                     f"sentinel parallel-syncs {service} 1",
                     *auth,
                 ],
+                tls=tls,
             )
             for n in range(3)
         ]
@@ -332,7 +363,8 @@ class SentinelSet:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.service}"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{hosts}/{self.service}"
 
     def sentinel_client(self, index: int = 0) -> redis.Redis:
         return self.sentinels[index].client(password=self.sentinel_password,
@@ -413,10 +445,15 @@ RedisServer.start_sentinel = _start_sentinel  # type: ignore[attr-defined]
 
 
 class Cluster:
-    """A Redis Cluster of ``shards`` primaries, each with one replica."""
+    """A Redis Cluster of ``shards`` primaries, each with ``replicas`` replicas.
 
-    def __init__(self, directory: Path, *, shards: int = 3,
-                 node_timeout: int = 1000) -> None:
+    With ``tls`` every node speaks TLS only, on the bus too (see
+    ``RedisServer``).
+    """
+
+    def __init__(self, directory: Path, *, shards: int = 3, replicas: int = 1,
+                 node_timeout: int = 1000,
+                 tls: Certificates | None = None) -> None:
         lines = [
             "cluster-enabled yes",
             "cluster-config-file nodes.conf",
@@ -426,14 +463,16 @@ class Cluster:
         # The bus port defaults to port + 10000, out of range for the high
         # ports free_port() finds, so each node gets one of its own.
         self.bus_ports: dict[int, int] = {}
+        self.tls = tls
         self.primaries = [self._node(directory / f"primary{n}", lines)
                           for n in range(shards)]
         self.replicas = [self._node(directory / f"replica{n}", lines)
-                         for n in range(shards)]
+                         for n in range(shards * replicas)]
 
     def _node(self, directory: Path, lines: list[str]) -> RedisServer:
         bus = free_port()
-        node = RedisServer(directory, config_lines=[*lines, f"cluster-port {bus}"])
+        node = RedisServer(directory, config_lines=[*lines, f"cluster-port {bus}"],
+                           tls=self.tls)
         self.bus_ports[node.port] = bus
         return node
 
@@ -444,7 +483,8 @@ class Cluster:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.primaries[:2])
-        return f"redis+cluster://{hosts}"
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://{hosts}"
 
     def start(self) -> Cluster:
         for node in self.nodes:
@@ -467,7 +507,8 @@ class Cluster:
                         for n in self.nodes),
             20, "every cluster node to know every other",
         )
-        for primary, replica in zip(self.primaries, self.replicas, strict=True):
+        for index, replica in enumerate(self.replicas):
+            primary = self.primaries[index % len(self.primaries)]
             node_id = primary.client().execute_command("CLUSTER", "MYID").decode()
             replica.client().execute_command("CLUSTER", "REPLICATE", node_id)
         self.wait_healthy()
@@ -500,8 +541,8 @@ class Cluster:
         raise RuntimeError(f"no replica of {primary.port}")
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Until every live node says the cluster is ok and each primary has a
-        replica in sync."""
+        """Until every live node says the cluster is ok and every live replica
+        is in sync with its primary."""
 
         def healthy() -> bool:
             live = [n for n in self.nodes if _alive(n)]

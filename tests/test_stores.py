@@ -41,13 +41,32 @@ def lease_key(key: str) -> str:
         (["--redis", "redis+sentinel://127.0.0.1:26379"], "names no service"),
         (["--redis", "redis+sentinel://h:x/jobs"], "is not HOST:PORT"),
         (["--redis", "redis+cluster://127.0.0.1:7000/3"], "database 0 only"),
+        *[
+            (
+                ["--redis", url, "--tls-ca", os.devnull],
+                "apply to TLS stores only; change --redis (CRONGUARD_REDIS) to "
+                "rediss://, rediss+sentinel:// or rediss+cluster://",
+            )
+            for url in ("redis://127.0.0.1:1/0", "redis+sentinel://127.0.0.1:1/jobs",
+                        "redis+cluster://127.0.0.1:1")
+        ],
+        *[
+            (
+                ["--redis", url, "--tls-cert", os.devnull],
+                "give both --tls-cert (CRONGUARD_TLS_CERT) and --tls-key",
+            )
+            for url in ("rediss://127.0.0.1:1/0", "rediss+sentinel://127.0.0.1:1/jobs",
+                        "rediss+cluster://127.0.0.1:1")
+        ],
         (
-            ["--redis", "redis://127.0.0.1:1/0", "--tls-ca", os.devnull],
-            "apply to rediss:// URLs only",
+            ["--redis", "rediss+sentinel://127.0.0.1:26379"],
+            "names no service; use rediss+sentinel://HOST:PORT",
         ),
+        (["--redis", "rediss+cluster://127.0.0.1:7000/3"], "database 0 only"),
         (
-            ["--redis", "rediss://127.0.0.1:1/0", "--tls-cert", os.devnull],
-            "give both --tls-cert (CRONGUARD_TLS_CERT) and --tls-key",
+            ["--redis", "redis://127.0.0.1:1/0 rediss+sentinel://127.0.0.1:2/jobs "
+             "redis://127.0.0.1:3/0"],
+            "give each as redis://, rediss:// or unix://",
         ),
         (
             ["--redis", "rediss://127.0.0.1:1/0", "--tls-ca", "/nonexistent/ca.pem"],
@@ -146,6 +165,7 @@ def test_tls_refuses_a_server_whose_certificate_it_cannot_verify(
     )
     assert result.returncode == 75
     assert "certificate verify failed" in result.stderr, result.stderr
+    assert "--tls-ca (CRONGUARD_TLS_CA)" in result.stderr
     assert result.stderr.count("\n") == 1
     assert not runs.exists()
 
@@ -158,7 +178,150 @@ def test_tls_without_the_client_certificate_the_server_asks_for(
     result = cronguard("--key", key, "--tls-ca", str(certs.ca), "--", *job, "record",
                        str(runs), CRONGUARD_REDIS=tls_server.tls_url)
     assert result.returncode == 75, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "client certificate" in result.stderr and "--tls-cert" in result.stderr
     assert not runs.exists()
+
+
+# TLS to Sentinel and Cluster: every server, sentinel and link speaks TLS
+# only and asks for a client certificate, so a run that succeeds has shown
+# the CA and the certificate to the sentinels and the data servers alike.
+
+
+@pytest.fixture(scope="module")
+def tls_sentinels(
+    tmp_path_factory: pytest.TempPathFactory, certs: Certificates
+) -> Iterator[SentinelSet]:
+    topology = SentinelSet(tmp_path_factory.mktemp("tls-sentinel"), replicas=1,
+                           tls=certs)
+    with topology:
+        yield topology
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(
+    tmp_path_factory: pytest.TempPathFactory, certs: Certificates
+) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("tls-cluster"), replicas=0,
+                 tls=certs) as topology:
+        yield topology
+
+
+def tls_options(certs: Certificates, ca: Path | None = None) -> list[str]:
+    return ["--tls-ca", str(ca or certs.ca), "--tls-cert", str(certs.client_cert),
+            "--tls-key", str(certs.client_key)]
+
+
+def test_tls_sentinel_runs_once_on_the_primary(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    tls_sentinels: SentinelSet, certs: Certificates,
+) -> None:
+    runs = tmp_path / "runs"
+    results = [
+        cronguard("--key", key, "--ttl", "20", *tls_options(certs), "--", *job,
+                  "record", str(runs), CRONGUARD_REDIS=tls_sentinels.url)
+        for _ in range(2)
+    ]
+    assert [(r.returncode, r.stderr) for r in results] == [(0, "")] * 2
+    assert len(lines(runs)) == 1
+    assert tls_sentinels.current_primary().client().exists(lease_key(key))
+
+
+def test_tls_cluster_runs_once_on_the_slots_primary(
+    cronguard: Cronguard, job: list[str], tmp_path: Path, tls_cluster: Cluster,
+    certs: Certificates,
+) -> None:
+    runs = tmp_path / "runs"
+    keys = [f"tls-cluster-job-{n}" for n in range(4)]
+    for key in keys:
+        for _ in range(2):
+            result = cronguard("--key", key, "--ttl", "20", "--", *job, "record",
+                               str(runs), CRONGUARD_REDIS=tls_cluster.url,
+                               CRONGUARD_TLS_CA=str(certs.ca),
+                               CRONGUARD_TLS_CERT=str(certs.client_cert),
+                               CRONGUARD_TLS_KEY=str(certs.client_key))
+            assert (result.returncode, result.stderr) == (0, "")
+    assert len(lines(runs)) == len(keys)
+    shards = {tls_cluster.primary_for(lease_key(key)).port for key in keys}
+    for key in keys:
+        assert tls_cluster.primary_for(lease_key(key)).client().exists(lease_key(key))
+    assert len(shards) > 1, "every key landed on one shard; the test proves little"
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+@pytest.mark.parametrize("ca", ["system", "other"])
+def test_tls_topology_with_the_wrong_ca_exits_75_naming_the_certificate(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    certs: Certificates, request: pytest.FixtureRequest, topology: str, ca: str,
+) -> None:
+    url = request.getfixturevalue(f"tls_{topology}s" if topology == "sentinel"
+                                  else "tls_cluster").url
+    runs = tmp_path / "runs"
+    given = tls_options(certs, certs.other_ca)[(2 if ca == "system" else 0):]
+    result = cronguard("--key", key, *given, "--", *job, "record", str(runs),
+                       CRONGUARD_REDIS=url)
+    assert result.returncode == 75, result.stderr
+    assert result.stderr.startswith(f"cronguard: error: {url}: "), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "certificate verify failed" in result.stderr
+    assert "--tls-ca (CRONGUARD_TLS_CA)" in result.stderr
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_tls_topology_without_a_client_certificate_names_the_fix(
+    cronguard: Cronguard, job: list[str], key: str, tmp_path: Path,
+    certs: Certificates, request: pytest.FixtureRequest, topology: str,
+) -> None:
+    url = request.getfixturevalue(f"tls_{topology}s" if topology == "sentinel"
+                                  else "tls_cluster").url
+    runs = tmp_path / "runs"
+    result = cronguard("--key", key, "--tls-ca", str(certs.ca), "--", *job,
+                       "record", str(runs), CRONGUARD_REDIS=url)
+    assert result.returncode == 75, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "client certificate" in result.stderr and "--tls-cert" in result.stderr
+    assert not runs.exists()
+
+
+def test_doctor_over_tls_sentinel_checks_the_primary(
+    cronguard: Cronguard, tls_sentinels: SentinelSet, certs: Certificates,
+) -> None:
+    result = cronguard("doctor", *tls_options(certs),
+                       CRONGUARD_REDIS=tls_sentinels.url)
+    assert result.stderr == ""
+    findings = [line.split(None, 1) for line in result.stdout.splitlines()]
+    checks = [(text.split(":")[0], level) for level, text in findings]
+    text = {text.split(":")[0]: text for _, text in findings}
+    assert text["reachable"].startswith(f"reachable: {tls_sentinels.url} answers")
+    assert text["server"].endswith(", standalone, primary"), text["server"]
+    assert {check for check, _ in checks} == {
+        "reachable", "server", "permissions", "clock", "eviction", "persistence"}
+    # The test servers keep no data on disk; every other check passes.
+    assert [check for check, level in checks if level != "ok"] == ["persistence"]
+    assert result.returncode == 1
+
+
+def test_doctor_pointed_at_a_tls_sentinel_names_the_tls_sentinel_scheme(
+    cronguard: Cronguard, tls_sentinels: SentinelSet, certs: Certificates,
+) -> None:
+    sentinel = tls_sentinels.sentinels[0]
+    result = cronguard("doctor", *tls_options(certs), CRONGUARD_REDIS=sentinel.url)
+    assert result.returncode == 1
+    server = next(line for line in result.stdout.splitlines()
+                  if line.startswith("FAIL  server: "))
+    assert "is a Sentinel" in server and "use rediss+sentinel://" in server
+
+
+def test_doctor_over_tls_sentinel_with_the_wrong_ca_names_it(
+    cronguard: Cronguard, tls_sentinels: SentinelSet, certs: Certificates,
+) -> None:
+    result = cronguard("doctor", *tls_options(certs, certs.other_ca),
+                       CRONGUARD_REDIS=tls_sentinels.url)
+    assert result.returncode == 1
+    assert result.stdout.startswith("FAIL  reachable: ")
+    assert result.stdout.count("\n") == 1
+    assert "certificate verify failed" in result.stdout
 
 
 # Sentinel
@@ -548,6 +711,7 @@ def test_the_man_page_and_readme_name_every_store_option() -> None:
     readme = (root / "README.md").read_text()
     for option in ("--sentinel-password-file", "--tls-ca", "--tls-cert", "--tls-key",
                    "--min-replicas", "redis+sentinel://", "redis+cluster://",
+                   "rediss+sentinel://", "rediss+cluster://",
                    "CRONGUARD_SENTINEL_PASSWORD"):
         assert option in man, option
         assert option in readme, option
