@@ -98,7 +98,7 @@ _SSL_FAILURE = re.compile(r"\[SSL: (\w+)\] ([^(]+)")
 _SSL_EOF = "EOF occurred in violation of protocol"
 
 
-def tls_failure(message: str) -> str | None:
+def _tls_failure(message: str) -> str | None:
     """The TLS problem named in ``message`` and its fix, or None if none is."""
     found = _SSL_FAILURE.search(message)
     if not found and _SSL_EOF in message:
@@ -367,7 +367,7 @@ class Store:
         """Describe ``exc`` as the store's failure, with the fix for it."""
         where = self.description
         limit = f"{self.settings.timeout:g}s"
-        tls = tls_failure(str(exc))
+        tls = _tls_failure(str(exc))
         if tls:
             text = f"{where}: {tls}"
         elif isinstance(exc, redis.AuthenticationError):
@@ -468,14 +468,14 @@ class SentinelStore(Store):
         listed = str(exc)
         if (not isinstance(exc, redis.sentinel.MasterNotFoundError)
                 or self.settings.scheme not in TLS_SCHEMES
-                or tls_failure(listed) or "ConnectionError" not in listed
+                or _tls_failure(listed) or "ConnectionError" not in listed
                 or "TimeoutError" in listed):
             return exc
         pool: Any = self.client.connection_pool  # a SentinelConnectionPool
         try:
             pool.sentinel_manager.sentinels[0].ping()
         except redis.ConnectionError as cause:
-            if tls_failure(str(cause)):
+            if _tls_failure(str(cause)):
                 return cause
         except redis.RedisError:
             pass
