@@ -500,7 +500,7 @@ def test_slot_mode_unreplicated_claim_is_left_running_and_exits_75(
     assert slot_record(primary, key)["state"] == "running"
     events = history(cronguard, key, sentinels)
     assert [e["event"] for e in events] == ["started", "unreplicated"]
-    assert events[1]["replicas"] == "1" and events[1]["fence"] == events[0]["fence"]
+    assert events[1]["replicas"] == 1 and events[1]["fence"] == events[0]["fence"]
 
 
 def test_an_unreplicated_slot_goes_to_a_standby_that_waits_for_replicas_too(
