@@ -24,6 +24,11 @@ takeover script takes the slot over only when the record still says
 ``running`` and nobody holds the lease, so exactly one standby wins it, with
 a fencing token greater than the lost holder's.
 
+A standby that finds the previous slot's run still going waits for that run
+instead, and claims its own slot once the lease is gone (``claim_again``,
+only while the server's clock is still in that slot), so that an overrun
+delays a slot rather than losing it.
+
 With ``--min-replicas N`` a won claim or takeover counts only once N
 replicas have it (``Lease._await_replicas``): a claim that only the primary
 had would vanish in a failover, and the slot could then run a second time.
