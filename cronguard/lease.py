@@ -369,9 +369,9 @@ class Lease:
         it brings back is ignored: it can neither mark the lease lost nor move
         its deadline.  Nor can it stretch the lease in the store once the
         lease is given back: a deleted lease has no token left to match, and
-        one shortened to its minimum hold is marked released, which renewals
-        are refused.  So a renewal stuck on a slow or unreachable store delays
-        neither the release nor the exit.
+        one shortened to its minimum hold is marked released, so renewals of
+        it are refused.  A renewal stuck on a slow or unreachable store thus
+        delays neither the release nor the exit.
         """
         self._stop.set()
         if self._keeper is not None:

@@ -65,8 +65,7 @@ def _run(
 
         return run_slot(settings, environ, store, relay)
     key = settings.key
-    lease = _lease_class(store)(store, key, settings.ttl, renew=settings.renew,
-                                hold=not settings.release)
+    lease = _lease_class(store)(store, key, settings.ttl, renew=settings.renew)
     try:
         holder = lease.acquire(settings.wait, give_up=lambda: bool(relay.received))
     except StoreError as exc:
@@ -92,7 +91,7 @@ def _run(
         return outcome.status
     _give_back(
         lease,
-        release=not lease.hold_on_exit or outcome.reason == "lost",
+        release=settings.release or outcome.reason == "lost",
         status=outcome.returncode,
         reason=outcome.reason,
         duration_ms=round(outcome.duration * 1000),

@@ -308,7 +308,7 @@ def run_slot(
 
     if not claim.won:
         assert claim.slot is not None
-        if standby and _worth_waiting(claim):
+        if standby and _worth_waiting(claim.reason, claim.pttl_ms):
             status = _stand_by(settings, lease, claim, relay)
             if status is not None:
                 return status
@@ -353,11 +353,11 @@ def _log_skip(key: str, claim: Claim) -> None:
                  claim.detail, claim.reason)
 
 
-def _worth_waiting(claim: Claim) -> bool:
-    """Whether a standby has a reason to wait for the slot ``claim`` lost: its
-    winner may still die, or an earlier slot's run holding the lease ends."""
-    return claim.reason == "running" or (claim.reason == "overlap"
-                                         and claim.pttl_ms != -2)
+def _worth_waiting(state: str, pttl_ms: int) -> bool:
+    """Whether a standby has a reason to wait for a slot it lost in ``state``:
+    its winner may still die, or an earlier slot's run holding the lease (of
+    ``pttl_ms`` left, -2 for none) ends."""
+    return state == "running" or (state == "overlap" and pttl_ms != -2)
 
 
 def _stand_by(
@@ -408,7 +408,7 @@ def _stand_by(
                     raise
                 log.warning("%s: standby ended, the store failed: %s", key, exc)
                 return settings.skip_exit
-            if state not in waiting_for or (state == "overlap" and pttl == -2):
+            if not _worth_waiting(state, pttl):
                 log.info("%s: slot %s needs no standby any more (%s)", key,
                          slot.iso, state)
                 return settings.skip_exit
